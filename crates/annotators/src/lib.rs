@@ -1,0 +1,1 @@
+//! Condition preprocessors (annotators). Filled by the conditions issue.

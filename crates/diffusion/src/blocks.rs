@@ -1,0 +1,511 @@
+//! The UNet's building blocks, by their diffusers names.
+//!
+//! candle-transformers' resnet block and timestep embedding match diffusers and are reused. Its
+//! transformer blocks are not: its GEGLU uses the tanh approximation of GELU where diffusers uses
+//! the exact erf form (a ~1e-3 difference that breaks parity), so the attention stack is ours.
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{self as nn, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+use crate::config::{AttentionSpec, EncoderSpec};
+
+fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<nn::Conv2d> {
+    let cfg = nn::Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    nn::conv2d(c_in, c_out, 3, cfg, vb)
+}
+
+/// Multi-head attention (`attn1`/`attn2` in diffusers' `BasicTransformerBlock`).
+#[derive(Debug)]
+pub struct Attention {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+    heads: usize,
+    scale: f64,
+    /// diffusers' `upcast_attention`: compute the scores in f32 (SD 2.1 overflows in f16).
+    upcast: bool,
+}
+
+impl Attention {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let head_dim = query_dim / heads;
+        Ok(Self {
+            to_q: nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
+            to_k: nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
+            to_v: nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
+            to_out: nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            upcast,
+        })
+    }
+
+    /// [B, N, H*D] -> [B, H, N, D]
+    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        xs.reshape((b, n, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let context = context.unwrap_or(xs);
+        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let dtype = q.dtype();
+        let scores = if self.upcast && dtype != DType::F32 {
+            q.to_dtype(DType::F32)?
+                .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        } else {
+            q.matmul(&k.t()?)?
+        };
+        // Softmax always in f32: it is cheap and it is where half precision loses the most.
+        let probs = nn::ops::softmax_last_dim(&(scores.to_dtype(DType::F32)? * self.scale)?)?
+            .to_dtype(dtype)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, c))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// `FeedForward` with a GEGLU input projection (`ff.net.0.proj`, `ff.net.2`).
+#[derive(Debug)]
+struct FeedForward {
+    proj_in: nn::Linear,
+    proj_out: nn::Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_out: nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        // Exact (erf) GELU, as torch.nn.functional.gelu's default.
+        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: nn::LayerNorm,
+    attn1: Attention,
+    norm2: nn::LayerNorm,
+    attn2: Attention,
+    norm3: nn::LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, spec: AttentionSpec, upcast: bool) -> Result<Self> {
+        Ok(Self {
+            norm1: nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, spec.heads, upcast)?,
+            norm2: nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                spec.cross_attention_dim,
+                spec.heads,
+                upcast,
+            )?,
+            norm3: nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+#[derive(Debug)]
+enum Projection {
+    Conv(nn::Conv2d),
+    Linear(nn::Linear),
+}
+
+/// diffusers' `Transformer2DModel` (continuous input): the `attentions.{i}` of a block.
+#[derive(Debug)]
+pub struct Transformer2D {
+    norm: nn::GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2D {
+    fn new(vb: VarBuilder, channels: usize, spec: AttentionSpec, enc: &EncoderSpec) -> Result<Self> {
+        let norm = nn::group_norm(enc.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let (proj_in, proj_out) = if enc.use_linear_projection {
+            (
+                Projection::Linear(nn::linear(channels, channels, vb.pp("proj_in"))?),
+                Projection::Linear(nn::linear(channels, channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            let cfg = Default::default();
+            (
+                Projection::Conv(nn::conv2d(channels, channels, 1, cfg, vb.pp("proj_in"))?),
+                Projection::Conv(nn::conv2d(channels, channels, 1, cfg, vb.pp("proj_out"))?),
+            )
+        };
+        let blocks = (0..spec.depth)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    channels,
+                    spec,
+                    enc.upcast_attention,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let xs = self.norm.forward(xs)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let mut xs = match &self.proj_in {
+            Projection::Conv(p) => to_tokens(&p.forward(&xs)?)?,
+            Projection::Linear(p) => p.forward(&to_tokens(&xs)?)?,
+        };
+        for block in &self.blocks {
+            xs = block.forward(&xs, context)?;
+        }
+        let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let xs = match &self.proj_out {
+            Projection::Conv(p) => p.forward(&to_map(&xs)?)?,
+            Projection::Linear(p) => to_map(&p.forward(&xs)?)?,
+        };
+        xs + residual
+    }
+}
+
+fn resnet(
+    vb: VarBuilder,
+    c_in: usize,
+    c_out: usize,
+    enc: &EncoderSpec,
+    output_scale_factor: f64,
+) -> Result<ResnetBlock2D> {
+    let cfg = ResnetBlock2DConfig {
+        out_channels: Some(c_out),
+        temb_channels: Some(enc.time_embed_dim()),
+        groups: enc.norm_num_groups,
+        eps: enc.norm_eps,
+        output_scale_factor,
+        ..Default::default()
+    };
+    ResnetBlock2D::new(vb, c_in, cfg)
+}
+
+/// A down block (`DownBlock2D` or `CrossAttnDownBlock2D`): resnets, each optionally followed by
+/// a transformer, then an optional stride-2 conv.
+#[derive(Debug)]
+pub struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    downsampler: Option<(nn::Conv2d, usize)>,
+}
+
+impl DownBlock {
+    fn new(vb: VarBuilder, enc: &EncoderSpec, index: usize) -> Result<Self> {
+        let spec = &enc.blocks[index];
+        let c_out = spec.out_channels;
+        let c_in = if index == 0 {
+            c_out
+        } else {
+            enc.blocks[index - 1].out_channels
+        };
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..spec.layers {
+            let c = if j == 0 { c_in } else { c_out };
+            resnets.push(resnet(vb.pp(format!("resnets.{j}")), c, c_out, enc, 1.0)?);
+            if let Some(att) = spec.attention {
+                attentions.push(Transformer2D::new(
+                    vb.pp(format!("attentions.{j}")),
+                    c_out,
+                    att,
+                    enc,
+                )?);
+            }
+        }
+        let downsampler = if index + 1 < enc.blocks.len() {
+            let cfg = nn::Conv2dConfig {
+                stride: 2,
+                padding: enc.downsample_padding,
+                ..Default::default()
+            };
+            let conv = nn::conv2d(c_out, c_out, 3, cfg, vb.pp("downsamplers.0.conv"))?;
+            Some((conv, enc.downsample_padding))
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// Returns the block output and the skip tensors it contributes.
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(att) = self.attentions.get(j) {
+                xs = att.forward(&xs, context)?;
+            }
+            skips.push(xs.clone());
+        }
+        if let Some((conv, padding)) = &self.downsampler {
+            // diffusers pads right/bottom by one when the conv itself has no padding.
+            xs = if *padding == 0 {
+                conv.forward(&xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)?
+            } else {
+                conv.forward(&xs)?
+            };
+            skips.push(xs.clone());
+        }
+        Ok((xs, skips))
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
+#[derive(Debug)]
+pub struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+}
+
+impl MidBlock {
+    fn new(vb: VarBuilder, enc: &EncoderSpec) -> Result<Self> {
+        let c = enc.blocks.last().expect("resolved config has blocks").out_channels;
+        let scale = enc.mid_block_scale_factor;
+        Ok(Self {
+            resnets: vec![
+                resnet(vb.pp("resnets.0"), c, c, enc, scale)?,
+                resnet(vb.pp("resnets.1"), c, c, enc, scale)?,
+            ],
+            attentions: vec![Transformer2D::new(
+                vb.pp("attentions.0"),
+                c,
+                enc.mid_attention,
+                enc,
+            )?],
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
+        for (att, res) in self.attentions.iter().zip(&self.resnets[1..]) {
+            xs = res.forward(&att.forward(&xs, context)?, Some(temb))?;
+        }
+        Ok(xs)
+    }
+}
+
+/// An up block (`UpBlock2D` or `CrossAttnUpBlock2D`): `layers + 1` resnets, each eating one
+/// skip tensor (concatenated on channels), each optionally followed by a transformer, then an
+/// optional nearest-neighbour ×2 upsample and conv.
+#[derive(Debug)]
+pub struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    upsampler: Option<nn::Conv2d>,
+}
+
+impl UpBlock {
+    /// `i` counts up blocks from the bottom (0 mirrors the last down block).
+    pub(crate) fn new(vb: VarBuilder, enc: &EncoderSpec, i: usize) -> Result<Self> {
+        let n = enc.blocks.len();
+        let level = n - 1 - i;
+        let spec = &enc.blocks[level];
+        let c_out = spec.out_channels;
+        let c_prev = if i == 0 {
+            c_out
+        } else {
+            enc.blocks[level + 1].out_channels
+        };
+        // The skips this block eats come from the down block one level up (or conv_in).
+        let c_skip_last = enc.blocks[level.saturating_sub(1)].out_channels;
+        let n_layers = spec.layers + 1;
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..n_layers {
+            let c_res = if j == n_layers - 1 { c_skip_last } else { c_out };
+            let c_in = if j == 0 { c_prev } else { c_out };
+            resnets.push(resnet(vb.pp(format!("resnets.{j}")), c_in + c_res, c_out, enc, 1.0)?);
+            if let Some(att) = spec.attention {
+                attentions.push(Transformer2D::new(
+                    vb.pp(format!("attentions.{j}")),
+                    c_out,
+                    att,
+                    enc,
+                )?);
+            }
+        }
+        let upsampler = if i + 1 < n {
+            Some(conv3x3(vb.pp("upsamplers.0.conv"), c_out, c_out, 1)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    pub(crate) fn n_skips(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// `skips` are this block's skip tensors in down-path order; they are consumed last first.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            let skip = &skips[skips.len() - 1 - j];
+            xs = Tensor::cat(&[&xs, skip], 1)?;
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(att) = self.attentions.get(j) {
+                xs = att.forward(&xs, context)?;
+            }
+        }
+        match &self.upsampler {
+            Some(conv) => {
+                let (h, w) = match upsample_size {
+                    Some(size) => size,
+                    None => {
+                        let (_, _, h, w) = xs.dims4()?;
+                        (2 * h, 2 * w)
+                    }
+                };
+                conv.forward(&xs.upsample_nearest2d(h, w)?)
+            }
+            None => Ok(xs),
+        }
+    }
+}
+
+/// What the UNet and the ControlNet share: conv_in, the timestep embedding, the down blocks and
+/// the mid block, under the same diffusers names.
+#[derive(Debug)]
+pub struct Encoder {
+    pub spec: EncoderSpec,
+    conv_in: nn::Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+}
+
+/// The encoder's outputs: the mid block's output, every skip tensor (conv_in's output first),
+/// and the time embedding for the up path.
+pub struct Encoded {
+    pub mid: Tensor,
+    pub skips: Vec<Tensor>,
+    pub temb: Tensor,
+}
+
+impl Encoder {
+    pub fn new(vb: VarBuilder, spec: EncoderSpec) -> Result<Self> {
+        let c0 = spec.blocks[0].out_channels;
+        let conv_in = conv3x3(vb.pp("conv_in"), spec.in_channels, c0, 1)?;
+        let time_proj = Timesteps::new(c0, spec.flip_sin_to_cos, spec.freq_shift);
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), c0, spec.time_embed_dim())?;
+        let down_blocks = (0..spec.blocks.len())
+            .map(|i| DownBlock::new(vb.pp(format!("down_blocks.{i}")), &spec, i))
+            .collect::<Result<_>>()?;
+        let mid_block = MidBlock::new(vb.pp("mid_block"), &spec)?;
+        Ok(Self {
+            spec,
+            conv_in,
+            time_proj,
+            time_embedding,
+            down_blocks,
+            mid_block,
+        })
+    }
+
+    /// Time embedding for per-sample timesteps `[B]` (any float dtype; computed in f32 as
+    /// diffusers does, then cast to the model's dtype).
+    pub fn embed_time(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
+        let t = self.time_proj.forward(&timesteps.to_dtype(DType::F32)?)?;
+        self.time_embedding.forward(&t.to_dtype(dtype)?)
+    }
+
+    /// Runs conv_in, adds `added` (the ControlNet's hint embedding) to its output when given,
+    /// then the down and mid blocks.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&Tensor>,
+    ) -> Result<Encoded> {
+        let (b, _, _, _) = sample.dims4()?;
+        let tb = timesteps.dims1()?;
+        if tb != b {
+            candle_core::bail!("timesteps has {tb} entries for a batch of {b} samples")
+        }
+        let temb = self.embed_time(timesteps, sample.dtype())?;
+        let mut xs = self.conv_in.forward(sample)?;
+        if let Some(added) = added {
+            xs = (xs + added)?;
+        }
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            let (out, block_skips) = block.forward(&xs, &temb, context)?;
+            skips.extend(block_skips);
+            xs = out;
+        }
+        let mid = self.mid_block.forward(&xs, &temb, context)?;
+        Ok(Encoded { mid, skips, temb })
+    }
+}

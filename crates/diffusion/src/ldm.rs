@@ -1,0 +1,313 @@
+//! The original (LDM / lllyasviel) single-file layout, converted to diffusers names at load.
+//!
+//! Original ControlNet files (`control_v11p_sd15_canny.safetensors`, `.pth`) keep the model under
+//! `control_model.` with the LDM UNet names (`input_blocks.N.M`, `middle_block.N`, `time_embed`)
+//! plus `input_hint_block`, `zero_convs` and `middle_block_out`. They carry no config, so the
+//! config is read off the tensor shapes; the one thing shapes cannot tell is the head count,
+//! which follows the two families' conventions (SD 1.x: 8 heads; SD 2.x, recognisable by its
+//! linear attention projections: 64-wide heads).
+use std::collections::{BTreeSet, HashMap};
+
+use crate::config::{ControlNetConfig, EncoderSpec};
+use crate::weights::WeightFile;
+use crate::{Error, Result};
+
+const CONTROL_PREFIX: &str = "control_model.";
+
+pub fn is_original_controlnet(file: &WeightFile) -> bool {
+    file.keys().iter().any(|k| k.starts_with(CONTROL_PREFIX))
+}
+
+/// LDM `ResBlock` inner names → diffusers `ResnetBlock2D` names.
+fn resnet_inner(rest: &str) -> Option<String> {
+    const MAP: [(&str, &str); 6] = [
+        ("in_layers.0.", "norm1."),
+        ("in_layers.2.", "conv1."),
+        ("emb_layers.1.", "time_emb_proj."),
+        ("out_layers.0.", "norm2."),
+        ("out_layers.3.", "conv2."),
+        ("skip_connection.", "conv_shortcut."),
+    ];
+    MAP.iter()
+        .find_map(|(from, to)| rest.strip_prefix(from).map(|t| format!("{to}{t}")))
+}
+
+/// Splits `"{n}.{rest}"` into `(n, rest)`.
+fn index_and_rest(s: &str) -> Option<(usize, &str)> {
+    let (n, rest) = s.split_once('.')?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// The diffusers name of an LDM UNet-encoder key (`time_embed`, `input_blocks`, `middle_block`),
+/// for a UNet with `layers` resnets per down level.
+pub fn unet_encoder_key(key: &str, layers: usize) -> Option<String> {
+    if let Some(rest) = key.strip_prefix("time_embed.") {
+        let (i, rest) = index_and_rest(rest)?;
+        let linear = match i {
+            0 => "linear_1",
+            2 => "linear_2",
+            _ => return None,
+        };
+        return Some(format!("time_embedding.{linear}.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("input_blocks.") {
+        let (n, rest) = index_and_rest(rest)?;
+        let (m, rest) = index_and_rest(rest)?;
+        if n == 0 {
+            return (m == 0).then(|| format!("conv_in.{rest}"));
+        }
+        let level = (n - 1) / (layers + 1);
+        let j = (n - 1) % (layers + 1);
+        if j == layers {
+            let rest = rest.strip_prefix("op.")?;
+            return (m == 0).then(|| format!("down_blocks.{level}.downsamplers.0.conv.{rest}"));
+        }
+        return match m {
+            0 => Some(format!("down_blocks.{level}.resnets.{j}.{}", resnet_inner(rest)?)),
+            1 => Some(format!("down_blocks.{level}.attentions.{j}.{rest}")),
+            _ => None,
+        };
+    }
+    if let Some(rest) = key.strip_prefix("middle_block.") {
+        let (m, rest) = index_and_rest(rest)?;
+        return match m {
+            0 => Some(format!("mid_block.resnets.0.{}", resnet_inner(rest)?)),
+            1 => Some(format!("mid_block.attentions.0.{rest}")),
+            2 => Some(format!("mid_block.resnets.1.{}", resnet_inner(rest)?)),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// The diffusers name of a key of an original ControlNet file, without its `control_model.`.
+fn controlnet_key(key: &str, layers: usize, n_hint_blocks: usize) -> Option<String> {
+    if let Some(rest) = key.strip_prefix("input_hint_block.") {
+        let (k, rest) = index_and_rest(rest)?;
+        let name = if k == 0 {
+            "conv_in".to_string()
+        } else if k == 2 + 2 * n_hint_blocks {
+            "conv_out".to_string()
+        } else if k >= 2 && k % 2 == 0 {
+            format!("blocks.{}", (k - 2) / 2)
+        } else {
+            return None;
+        };
+        return Some(format!("controlnet_cond_embedding.{name}.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("zero_convs.") {
+        let (i, rest) = index_and_rest(rest)?;
+        let rest = rest.strip_prefix("0.")?;
+        return Some(format!("controlnet_down_blocks.{i}.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("middle_block_out.0.") {
+        return Some(format!("controlnet_mid_block.{rest}"));
+    }
+    unet_encoder_key(key, layers)
+}
+
+/// The table diffusers name → stored key for an original ControlNet file.
+pub fn controlnet_renames(file: &WeightFile, spec: &EncoderSpec) -> Result<HashMap<String, String>> {
+    let layers = uniform_layers(spec)?;
+    let n_hint_blocks = hint_indices(file).len().saturating_sub(2);
+    let mut map = HashMap::new();
+    for stored in file.keys() {
+        let Some(key) = stored.strip_prefix(CONTROL_PREFIX) else {
+            continue;
+        };
+        if let Some(name) = controlnet_key(key, layers, n_hint_blocks) {
+            map.insert(name, stored.clone());
+        }
+    }
+    Ok(map)
+}
+
+fn uniform_layers(spec: &EncoderSpec) -> Result<usize> {
+    let layers = spec.blocks[0].layers;
+    if spec.blocks.iter().any(|b| b.layers != layers) {
+        return Err(Error::Config(
+            "the original single-file layout needs the same layers_per_block on every level".into(),
+        ));
+    }
+    Ok(layers)
+}
+
+/// Sorted indices `k` of the `input_hint_block.{k}.weight` convs.
+fn hint_indices(file: &WeightFile) -> Vec<usize> {
+    let set: BTreeSet<usize> = file
+        .keys()
+        .iter()
+        .filter_map(|k| {
+            let rest = k.strip_prefix(CONTROL_PREFIX)?.strip_prefix("input_hint_block.")?;
+            let (i, rest) = index_and_rest(rest)?;
+            (rest == "weight").then_some(i)
+        })
+        .collect();
+    set.into_iter().collect()
+}
+
+/// Reads a ControlNet config off an original-layout file's tensor shapes. `name` (the file
+/// stem) tells the one thing shapes cannot: shuffle models pool their residuals globally, which
+/// A1111 also recognises by name.
+pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlNetConfig> {
+    let path = file.path().display().to_string();
+    let shape = |key: &str| -> Result<Vec<usize>> {
+        file.stored_shape(&format!("{CONTROL_PREFIX}{key}")).ok_or_else(|| {
+            Error::Weights(format!("{path}: tensor `{CONTROL_PREFIX}{key}` is missing"))
+        })
+    };
+    let has = |key: &str| file.stored_shape(&format!("{CONTROL_PREFIX}{key}")).is_some();
+
+    let conv_in = shape("input_blocks.0.0.weight")?;
+    let in_channels = conv_in[1];
+    // Input block indices that are downsamplers, in order: they end every level but the last.
+    let keys = file.keys();
+    let mut input_indices = BTreeSet::new();
+    let mut downsamplers = BTreeSet::new();
+    for k in &keys {
+        let Some(rest) = k.strip_prefix(CONTROL_PREFIX).and_then(|k| k.strip_prefix("input_blocks."))
+        else {
+            continue;
+        };
+        if let Some((n, rest)) = index_and_rest(rest) {
+            input_indices.insert(n);
+            if rest.starts_with("0.op.") {
+                downsamplers.insert(n);
+            }
+        }
+    }
+    let n_inputs = input_indices.len();
+    let layers = match downsamplers.first() {
+        Some(&first) => first - 1,
+        None => n_inputs - 1,
+    };
+    let n_levels = downsamplers.len() + 1;
+    if layers == 0 || 1 + n_levels * (layers + 1) - 1 != n_inputs {
+        return Err(Error::Weights(format!(
+            "{path}: cannot read the block layout off {n_inputs} input blocks and {} downsamplers",
+            downsamplers.len()
+        )));
+    }
+    let mut channels = Vec::new();
+    let mut down_types = Vec::new();
+    let mut cross = 0;
+    let mut depth = 1;
+    let mut linear = false;
+    for level in 0..n_levels {
+        let n = 1 + level * (layers + 1);
+        let c = shape(&format!("input_blocks.{n}.0.out_layers.3.weight"))?[0];
+        channels.push(c);
+        let attn = format!("input_blocks.{n}.1.");
+        if has(&format!("{attn}proj_in.weight")) {
+            down_types.push("CrossAttnDownBlock2D");
+            linear = shape(&format!("{attn}proj_in.weight"))?.len() == 2;
+            cross = shape(&format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?[1];
+            depth = (0..)
+                .take_while(|t| has(&format!("{attn}transformer_blocks.{t}.norm1.weight")))
+                .count();
+        } else {
+            down_types.push("DownBlock2D");
+        }
+    }
+    if cross == 0 {
+        return Err(Error::Weights(format!(
+            "{path}: no cross-attention found in the ControlNet's input blocks"
+        )));
+    }
+    // SD 1.x: 8 heads everywhere; SD 2.x (linear projections): 64-wide heads.
+    let heads: Vec<usize> = channels
+        .iter()
+        .map(|c| if linear { (c / 64).max(1) } else { 8 })
+        .collect();
+    let hint = hint_indices(file);
+    if hint.len() < 2 {
+        return Err(Error::Weights(format!("{path}: no input_hint_block convs found")));
+    }
+    let conditioning_channels = shape("input_hint_block.0.weight")?[1];
+    let mut hint_channels = vec![shape("input_hint_block.0.weight")?[0]];
+    // Blocks come in pairs (same width, then stride-2 to the next width).
+    for pair in hint[1..hint.len() - 1].chunks(2) {
+        if let [_, second] = pair {
+            hint_channels.push(shape(&format!("input_hint_block.{second}.weight"))?[0]);
+        }
+    }
+    let config = serde_json::json!({
+        "in_channels": in_channels,
+        "conditioning_channels": conditioning_channels,
+        "down_block_types": down_types,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "cross_attention_dim": cross,
+        "attention_head_dim": heads,
+        "transformer_layers_per_block": depth,
+        "use_linear_projection": linear,
+        "upcast_attention": linear,
+        "conditioning_embedding_out_channels": hint_channels,
+        "global_pool_conditions": name.to_ascii_lowercase().contains("shuffle"),
+    });
+    serde_json::from_value(config).map_err(|e| Error::Config(format!("{path}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sd15_input_block_numbering() {
+        // SD 1.5: 2 resnets per level, so input_blocks 1,2 | 3 (down) | 4,5 | 6 | 7,8 | 9 | 10,11.
+        let k = |s| unet_encoder_key(s, 2);
+        assert_eq!(k("input_blocks.0.0.weight").unwrap(), "conv_in.weight");
+        assert_eq!(
+            k("input_blocks.2.0.in_layers.2.weight").unwrap(),
+            "down_blocks.0.resnets.1.conv1.weight"
+        );
+        assert_eq!(
+            k("input_blocks.4.1.proj_in.bias").unwrap(),
+            "down_blocks.1.attentions.0.proj_in.bias"
+        );
+        assert_eq!(
+            k("input_blocks.9.0.op.weight").unwrap(),
+            "down_blocks.2.downsamplers.0.conv.weight"
+        );
+        assert_eq!(
+            k("input_blocks.11.0.skip_connection.bias"),
+            Some("down_blocks.3.resnets.1.conv_shortcut.bias".into())
+        );
+        assert_eq!(
+            k("middle_block.2.emb_layers.1.weight").unwrap(),
+            "mid_block.resnets.1.time_emb_proj.weight"
+        );
+        assert_eq!(
+            k("time_embed.2.bias").unwrap(),
+            "time_embedding.linear_2.bias"
+        );
+        assert_eq!(k("out.0.weight"), None);
+    }
+
+    #[test]
+    fn controlnet_specific_keys() {
+        // The standard hint encoder: convs at 0, 2, ..., 12 and the zero conv_out at 14.
+        let k = |s| controlnet_key(s, 2, 6);
+        assert_eq!(
+            k("input_hint_block.0.weight").unwrap(),
+            "controlnet_cond_embedding.conv_in.weight"
+        );
+        assert_eq!(
+            k("input_hint_block.12.bias").unwrap(),
+            "controlnet_cond_embedding.blocks.5.bias"
+        );
+        assert_eq!(
+            k("input_hint_block.14.weight").unwrap(),
+            "controlnet_cond_embedding.conv_out.weight"
+        );
+        assert_eq!(
+            k("zero_convs.11.0.weight").unwrap(),
+            "controlnet_down_blocks.11.weight"
+        );
+        assert_eq!(
+            k("middle_block_out.0.bias").unwrap(),
+            "controlnet_mid_block.bias"
+        );
+        assert_eq!(k("input_hint_block.1.weight"), None);
+    }
+}

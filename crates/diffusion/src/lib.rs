@@ -1,0 +1,53 @@
+//! Stable Diffusion + ControlNet models in candle, numerically faithful to diffusers.
+//!
+//! Models know nothing of requests: they take tensors on the device they were loaded on and
+//! return tensors there.
+pub mod blocks;
+pub mod config;
+pub mod controlnet;
+pub mod ldm;
+pub mod unet;
+pub mod weights;
+
+pub use config::{ControlNetConfig, UNetConfig};
+pub use controlnet::{ControlNetModel, ControlResiduals};
+pub use unet::UNet2DConditionModel;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Config(String),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The weight file of a diffusers model folder, in diffusers' order of preference.
+pub fn diffusers_weight_file(dir: &Path) -> Result<PathBuf> {
+    const NAMES: [&str; 3] = [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+    ];
+    NAMES
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Weights(format!(
+                "{}: no {} in this folder",
+                dir.display(),
+                NAMES.join(" / ")
+            ))
+        })
+}

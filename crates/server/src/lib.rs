@@ -1,0 +1,1 @@
+//! HTTP service. Filled by the server issue.
