@@ -74,12 +74,11 @@ impl Attention {
             q.matmul(&k.t()?)?
         };
         // Softmax always in f32: it is cheap and it is where half precision loses the most.
-        let probs = nn::ops::softmax_last_dim(&(scores.to_dtype(DType::F32)? * self.scale)?)?
+        // The composed softmax, not candle's fused op, because the fused op has no backward and
+        // training the ControlNet needs gradients through the UNet's attention.
+        let probs = nn::ops::softmax(&(scores.to_dtype(DType::F32)? * self.scale)?, D::Minus1)?
             .to_dtype(dtype)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, c))?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.to_out.forward(&out)
     }
 }
@@ -112,22 +111,55 @@ impl Module for FeedForward {
     }
 }
 
+/// LayerNorm over the last dimension, computed in f32 from primitive ops (candle's fused
+/// layer-norm op has no backward; see [`Attention::forward`]).
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", nn::Init::Const(0.0))?,
+            eps: 1e-5,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
 #[derive(Debug)]
 struct BasicTransformerBlock {
-    norm1: nn::LayerNorm,
+    norm1: LayerNorm,
     attn1: Attention,
-    norm2: nn::LayerNorm,
+    norm2: LayerNorm,
     attn2: Attention,
-    norm3: nn::LayerNorm,
+    norm3: LayerNorm,
     ff: FeedForward,
 }
 
 impl BasicTransformerBlock {
     fn new(vb: VarBuilder, dim: usize, spec: AttentionSpec, upcast: bool) -> Result<Self> {
         Ok(Self {
-            norm1: nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(vb.pp("norm1"), dim)?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, spec.heads, upcast)?,
-            norm2: nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(vb.pp("norm2"), dim)?,
             attn2: Attention::new(
                 vb.pp("attn2"),
                 dim,
@@ -135,14 +167,17 @@ impl BasicTransformerBlock {
                 spec.heads,
                 upcast,
             )?,
-            norm3: nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim)?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -163,7 +198,12 @@ pub struct Transformer2D {
 }
 
 impl Transformer2D {
-    fn new(vb: VarBuilder, channels: usize, spec: AttentionSpec, enc: &EncoderSpec) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        spec: AttentionSpec,
+        enc: &EncoderSpec,
+    ) -> Result<Self> {
         let norm = nn::group_norm(enc.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if enc.use_linear_projection {
             (
@@ -285,7 +325,12 @@ impl DownBlock {
     }
 
     /// Returns the block output and the skip tensors it contributes.
-    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (j, resnet) in self.resnets.iter().enumerate() {
@@ -298,7 +343,11 @@ impl DownBlock {
         if let Some((conv, padding)) = &self.downsampler {
             // diffusers pads right/bottom by one when the conv itself has no padding.
             xs = if *padding == 0 {
-                conv.forward(&xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)?
+                conv.forward(&xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
+                    D::Minus2,
+                    0,
+                    1,
+                )?)?
             } else {
                 conv.forward(&xs)?
             };
@@ -317,7 +366,11 @@ pub struct MidBlock {
 
 impl MidBlock {
     fn new(vb: VarBuilder, enc: &EncoderSpec) -> Result<Self> {
-        let c = enc.blocks.last().expect("resolved config has blocks").out_channels;
+        let c = enc
+            .blocks
+            .last()
+            .expect("resolved config has blocks")
+            .out_channels;
         let scale = enc.mid_block_scale_factor;
         Ok(Self {
             resnets: vec![
@@ -370,9 +423,19 @@ impl UpBlock {
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for j in 0..n_layers {
-            let c_res = if j == n_layers - 1 { c_skip_last } else { c_out };
+            let c_res = if j == n_layers - 1 {
+                c_skip_last
+            } else {
+                c_out
+            };
             let c_in = if j == 0 { c_prev } else { c_out };
-            resnets.push(resnet(vb.pp(format!("resnets.{j}")), c_in + c_res, c_out, enc, 1.0)?);
+            resnets.push(resnet(
+                vb.pp(format!("resnets.{j}")),
+                c_in + c_res,
+                c_out,
+                enc,
+                1.0,
+            )?);
             if let Some(att) = spec.attention {
                 attentions.push(Transformer2D::new(
                     vb.pp(format!("attentions.{j}")),

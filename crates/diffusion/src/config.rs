@@ -389,6 +389,18 @@ impl UNetConfig {
 }
 
 impl ControlNetConfig {
+    /// The config of a ControlNet made from `unet` (diffusers' `ControlNetModel.from_unet`):
+    /// the same encoder, the standard hint encoder.
+    pub fn from_unet(unet: &UNetConfig) -> Self {
+        Self {
+            encoder: unet.encoder.clone(),
+            conditioning_channels: default_conditioning_channels(),
+            conditioning_embedding_out_channels: default_hint_channels(),
+            global_pool_conditions: false,
+            controlnet_conditioning_channel_order: default_rgb(),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         read_json(path)
     }
@@ -458,13 +470,20 @@ mod tests {
     #[test]
     fn sd2_head_list_is_per_block() {
         let text = SD15_UNET
-            .replace("\"attention_head_dim\": 8", "\"attention_head_dim\": [5, 10, 20, 20]")
+            .replace(
+                "\"attention_head_dim\": 8",
+                "\"attention_head_dim\": [5, 10, 20, 20]",
+            )
             .replace("768", "1024");
         let spec = serde_json::from_str::<UNetConfig>(&text)
             .unwrap()
             .resolve()
             .unwrap();
-        let heads: Vec<_> = spec.blocks.iter().map(|b| b.attention.map(|a| a.heads)).collect();
+        let heads: Vec<_> = spec
+            .blocks
+            .iter()
+            .map(|b| b.attention.map(|a| a.heads))
+            .collect();
         assert_eq!(heads, vec![Some(5), Some(10), Some(20), None]);
         assert_eq!(spec.mid_attention.heads, 20);
         assert_eq!(spec.mid_attention.cross_attention_dim, 1024);

@@ -259,14 +259,21 @@ impl ControlNetModel {
         }
         let cond = cond.to_dtype(sample.dtype())?;
         let cond = if self.config.controlnet_conditioning_channel_order == "bgr" {
-            Tensor::cat(&[cond.i((.., 2..3))?, cond.i((.., 1..2))?, cond.i((.., 0..1))?], 1)?
+            Tensor::cat(
+                &[
+                    cond.i((.., 2..3))?,
+                    cond.i((.., 1..2))?,
+                    cond.i((.., 0..1))?,
+                ],
+                1,
+            )?
         } else {
             cond
         };
         let hint = self.cond_embedding.forward(&cond)?;
-        let encoded = self
-            .encoder
-            .forward(sample, timesteps, encoder_hidden_states, Some(&hint))?;
+        let encoded =
+            self.encoder
+                .forward(sample, timesteps, encoder_hidden_states, Some(&hint))?;
         let down = encoded
             .skips
             .iter()
@@ -353,7 +360,11 @@ pub fn zero_residuals(
     let n = spec.blocks.len();
     let mut down = Vec::new();
     let (mut h, mut w) = (h, w);
-    down.push(Tensor::zeros((batch, spec.blocks[0].out_channels, h, w), dtype, device)?);
+    down.push(Tensor::zeros(
+        (batch, spec.blocks[0].out_channels, h, w),
+        dtype,
+        device,
+    )?);
     for (i, b) in spec.blocks.iter().enumerate() {
         for _ in 0..b.layers {
             down.push(Tensor::zeros((batch, b.out_channels, h, w), dtype, device)?);

@@ -63,7 +63,10 @@ pub fn unet_encoder_key(key: &str, layers: usize) -> Option<String> {
             return (m == 0).then(|| format!("down_blocks.{level}.downsamplers.0.conv.{rest}"));
         }
         return match m {
-            0 => Some(format!("down_blocks.{level}.resnets.{j}.{}", resnet_inner(rest)?)),
+            0 => Some(format!(
+                "down_blocks.{level}.resnets.{j}.{}",
+                resnet_inner(rest)?
+            )),
             1 => Some(format!("down_blocks.{level}.attentions.{j}.{rest}")),
             _ => None,
         };
@@ -107,7 +110,10 @@ fn controlnet_key(key: &str, layers: usize, n_hint_blocks: usize) -> Option<Stri
 }
 
 /// The table diffusers name → stored key for an original ControlNet file.
-pub fn controlnet_renames(file: &WeightFile, spec: &EncoderSpec) -> Result<HashMap<String, String>> {
+pub fn controlnet_renames(
+    file: &WeightFile,
+    spec: &EncoderSpec,
+) -> Result<HashMap<String, String>> {
     let layers = uniform_layers(spec)?;
     let n_hint_blocks = hint_indices(file).len().saturating_sub(2);
     let mut map = HashMap::new();
@@ -138,7 +144,9 @@ fn hint_indices(file: &WeightFile) -> Vec<usize> {
         .keys()
         .iter()
         .filter_map(|k| {
-            let rest = k.strip_prefix(CONTROL_PREFIX)?.strip_prefix("input_hint_block.")?;
+            let rest = k
+                .strip_prefix(CONTROL_PREFIX)?
+                .strip_prefix("input_hint_block.")?;
             let (i, rest) = index_and_rest(rest)?;
             (rest == "weight").then_some(i)
         })
@@ -152,11 +160,15 @@ fn hint_indices(file: &WeightFile) -> Vec<usize> {
 pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlNetConfig> {
     let path = file.path().display().to_string();
     let shape = |key: &str| -> Result<Vec<usize>> {
-        file.stored_shape(&format!("{CONTROL_PREFIX}{key}")).ok_or_else(|| {
-            Error::Weights(format!("{path}: tensor `{CONTROL_PREFIX}{key}` is missing"))
-        })
+        file.stored_shape(&format!("{CONTROL_PREFIX}{key}"))
+            .ok_or_else(|| {
+                Error::Weights(format!("{path}: tensor `{CONTROL_PREFIX}{key}` is missing"))
+            })
     };
-    let has = |key: &str| file.stored_shape(&format!("{CONTROL_PREFIX}{key}")).is_some();
+    let has = |key: &str| {
+        file.stored_shape(&format!("{CONTROL_PREFIX}{key}"))
+            .is_some()
+    };
 
     let conv_in = shape("input_blocks.0.0.weight")?;
     let in_channels = conv_in[1];
@@ -165,7 +177,9 @@ pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlN
     let mut input_indices = BTreeSet::new();
     let mut downsamplers = BTreeSet::new();
     for k in &keys {
-        let Some(rest) = k.strip_prefix(CONTROL_PREFIX).and_then(|k| k.strip_prefix("input_blocks."))
+        let Some(rest) = k
+            .strip_prefix(CONTROL_PREFIX)
+            .and_then(|k| k.strip_prefix("input_blocks."))
         else {
             continue;
         };
@@ -221,7 +235,9 @@ pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlN
         .collect();
     let hint = hint_indices(file);
     if hint.len() < 2 {
-        return Err(Error::Weights(format!("{path}: no input_hint_block convs found")));
+        return Err(Error::Weights(format!(
+            "{path}: no input_hint_block convs found"
+        )));
     }
     let conditioning_channels = shape("input_hint_block.0.weight")?[1];
     let mut hint_channels = vec![shape("input_hint_block.0.weight")?[0]];

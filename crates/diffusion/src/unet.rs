@@ -129,7 +129,13 @@ impl UNet2DConditionModel {
                 }
                 _ => None,
             };
-            xs = block.forward(&xs, &block_skips, temb, encoder_hidden_states, upsample_size)?;
+            xs = block.forward(
+                &xs,
+                &block_skips,
+                temb,
+                encoder_hidden_states,
+                upsample_size,
+            )?;
         }
         let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)

@@ -176,7 +176,12 @@ impl SimpleBackend for WeightFile {
         self.load(name, device)?.to_dtype(dtype)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.load(name, device)?.to_dtype(dtype)
     }
 
