@@ -207,7 +207,9 @@ impl ControlNetModel {
             };
             let spec = config.resolve()?;
             let renames = crate::ldm::controlnet_renames(&file, &spec)?;
-            let vb = file.with_renames(renames).into_var_builder(dtype, device);
+            let vb = file
+                .with_renames(renames, crate::ldm::ORIGINAL_CONTROLNET_LAYOUT)
+                .into_var_builder(dtype, device);
             return Self::new(vb, &config);
         }
         match config {

@@ -13,6 +13,8 @@ use crate::weights::WeightFile;
 use crate::{Error, Result};
 
 const CONTROL_PREFIX: &str = "control_model.";
+/// How errors name this layout.
+pub const ORIGINAL_CONTROLNET_LAYOUT: &str = "original ControlNet (`control_model.*` keys)";
 
 pub fn is_original_controlnet(file: &WeightFile) -> bool {
     file.keys().iter().any(|k| k.starts_with(CONTROL_PREFIX))

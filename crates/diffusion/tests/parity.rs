@@ -144,14 +144,16 @@ fn batch_with_mixed_timesteps_equals_single_runs() {
             &one(&x.states),
             &one(&x.cond),
         );
+        // Not bit-identical: the CPU GEMM blocks differently for other batch sizes. A leak
+        // between samples would be of order 1; reassociation is of order 1e-6.
         let err = rel_err(&out, &one(&batch_out));
-        assert!(err <= 1e-6, "sample {i}: unet {err:.3e}");
+        assert!(err <= 1e-5, "sample {i}: unet {err:.3e}");
         let batch_i = ControlResiduals {
             down: batch_res.down.iter().map(one).collect(),
             mid: one(&batch_res.mid),
         };
         let err = residuals_rel_err(&res, &batch_i);
-        assert!(err <= 1e-6, "sample {i}: controlnet {err:.3e}");
+        assert!(err <= 1e-5, "sample {i}: controlnet {err:.3e}");
     }
 }
 
@@ -171,13 +173,25 @@ fn both_controlnet_layouts_give_identical_residuals() {
         "control_sd15_original.safetensors",
         "control_sd15_original.pth",
     ] {
-        let single = controlnet(file, DType::F32);
-        // The config read off the shapes is the folder's config.
-        assert_eq!(single.spec(), folder.spec(), "{file}: inferred config");
+        let path = fixtures().join(file);
+        // The config read off the shapes is the folder's, but for the norm group count, which
+        // no shape shows: inference assumes SD's 32, the tiny fixture has 16.
+        let weights = diffusion::weights::WeightFile::open(&path).unwrap();
+        let mut inferred = diffusion::ldm::infer_controlnet_config(&weights, "canny").unwrap();
+        assert_eq!(inferred.encoder.norm_num_groups, 32);
+        inferred.encoder.norm_num_groups = folder.config.encoder.norm_num_groups;
+        assert_eq!(&inferred.resolve().unwrap(), folder.spec(), "{file}");
         assert_eq!(
-            single.config.conditioning_embedding_out_channels,
+            inferred.conditioning_embedding_out_channels,
             folder.config.conditioning_embedding_out_channels
         );
+        assert!(!inferred.global_pool_conditions);
+        // Shuffle models pool globally, which only their name tells (as in A1111).
+        let shuffle =
+            diffusion::ldm::infer_controlnet_config(&weights, "control_v11e_sd15_shuffle");
+        assert!(shuffle.unwrap().global_pool_conditions);
+        let single = ControlNetModel::load(&path, Some(inferred), DType::F32, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
         let ours = run(&single);
         for (a, b) in ours.down.iter().zip(&reference.down) {
             assert!(identical(a, b), "{file}: down residual differs");
@@ -186,32 +200,48 @@ fn both_controlnet_layouts_give_identical_residuals() {
     }
 }
 
-/// Half precision against diffusers' f32 reference. The weights are f16-exact, so only
-/// activation rounding differs. f16 keeps 11 significant bits (unit roundoff u = 2^-11 ≈ 4.9e-4)
-/// and bf16 8 (u = 2^-8 ≈ 3.9e-3); through ~40 rounding stages of a UNet+ControlNet step the
-/// errors add up like a random walk, √40·u ≈ 6u, and the worst element sits a few standard
-/// deviations out. The bounds are 20u: 1e-2 for f16 and 8e-2 for bf16.
+/// f16 against diffusers' f32 reference. The weights are f16-exact, so only activation
+/// rounding differs. f16 keeps 11 significant bits (unit roundoff u = 2^-11 ≈ 4.9e-4); through
+/// the ~40 rounding stages of a UNet+ControlNet step the errors add up like a random walk,
+/// √40·u ≈ 6u, and the worst element sits a few standard deviations out: the bound is 20u, 1e-2.
 #[test]
-fn half_precision_within_rounding_bounds() {
+fn f16_within_rounding_bound() {
     let cases = Cases::load();
-    for (dtype, bound) in [(DType::F16, 1e-2), (DType::BF16, 8e-2)] {
-        let x = inputs(&cases, "sd15", dtype);
-        let res = controlnet("controlnet_sd15", dtype)
-            .forward(&x.sample, &x.timesteps, &x.states, &x.cond, 1.0, false)
-            .unwrap();
-        assert_eq!(res.mid.dtype(), dtype);
-        let cn_err = residuals_rel_err(&res, &cases.residuals("sd15.controlnet.scale_1"));
-        let out = unet("unet_sd15", dtype)
-            .forward(&x.sample, &x.timesteps, &x.states, Some(&res))
-            .unwrap();
-        assert_eq!(out.dtype(), dtype);
-        let err = rel_err(&out, &cases.get("sd15.unet.out_with_controlnet"));
-        eprintln!("{dtype:?}: controlnet rel err {cn_err:.2e}, unet+controlnet rel err {err:.2e}");
-        assert!(
-            cn_err <= bound && err <= bound,
-            "{dtype:?}: {cn_err:.3e} {err:.3e}"
-        );
-    }
+    let dtype = DType::F16;
+    let x = inputs(&cases, "sd15", dtype);
+    let res = controlnet("controlnet_sd15", dtype)
+        .forward(&x.sample, &x.timesteps, &x.states, &x.cond, 1.0, false)
+        .unwrap();
+    assert_eq!(res.mid.dtype(), dtype);
+    let cn_err = residuals_rel_err(&res, &cases.residuals("sd15.controlnet.scale_1"));
+    let out = unet("unet_sd15", dtype)
+        .forward(&x.sample, &x.timesteps, &x.states, Some(&res))
+        .unwrap();
+    assert_eq!(out.dtype(), dtype);
+    let err = rel_err(&out, &cases.get("sd15.unet.out_with_controlnet"));
+    eprintln!("f16: controlnet rel err {cn_err:.2e}, unet+controlnet rel err {err:.2e}");
+    assert!(cn_err <= 1e-2 && err <= 1e-2, "{cn_err:.3e} {err:.3e}");
+}
+
+/// bf16 loads (the same files, converted at load), but candle 0.11 has no bf16 matmul on the
+/// CPU, so a bf16 model runs only on CUDA. This test marks that boundary: it fails the day
+/// candle's CPU backend gains bf16 matmul, and then bf16 parity belongs here, bounded like f16
+/// with bf16's u = 2^-8 (20u = 8e-2).
+#[test]
+fn bf16_loads_but_needs_a_gpu_to_run() {
+    let cases = Cases::load();
+    let dtype = DType::BF16;
+    let model = unet("unet_sd15", dtype);
+    assert_eq!(model.dtype(), dtype);
+    let cn = controlnet("controlnet_sd15", dtype);
+    assert_eq!(cn.dtype(), dtype);
+    let x = inputs(&cases, "sd15", dtype);
+    let err = model
+        .forward(&x.sample, &x.timesteps, &x.states, None)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("BF16") && err.contains("matmul"), "{err}");
 }
 
 fn load_err(config_edit: impl Fn(&mut serde_json::Value), weights_from: &str) -> String {
@@ -256,9 +286,12 @@ fn mis_shaped_tensor_error_names_key_shapes_and_file() {
 
 #[test]
 fn missing_tensor_error_names_key_and_file() {
-    let err = load_err(|c| c["layers_per_block"] = 2.into(), "unet_sd15");
+    let err = load_err(
+        |c| c["transformer_layers_per_block"] = 2.into(),
+        "unet_sd15",
+    );
     assert!(
-        err.contains("resnets.1") && err.contains("missing"),
+        err.contains("transformer_blocks.1.") && err.contains("missing"),
         "{err}"
     );
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
@@ -272,16 +305,18 @@ fn missing_tensor_error_names_key_and_file() {
     .unwrap();
     tensors.remove("control_model.middle_block_out.0.weight");
     candle_core::safetensors::save(&tensors, &file).unwrap();
-    let err = ControlNetModel::load(&file, None, DType::F32, &Device::Cpu)
+    let config = controlnet("controlnet_sd15", DType::F32).config;
+    let err = ControlNetModel::load(&file, Some(config), DType::F32, &Device::Cpu)
         .map(|_| ())
         .unwrap_err()
         .to_string();
     std::fs::remove_dir_all(&dir).ok();
+    // A missing key has no stored name to show; the error names the layout instead.
+    assert!(err.contains("controlnet_mid_block.weight"), "{err}");
     assert!(
-        err.contains("control_model.middle_block_out.0.weight"),
+        err.contains("original ControlNet (`control_model.*` keys)"),
         "{err}"
     );
-    assert!(err.contains("controlnet_mid_block.weight"), "{err}");
     assert!(err.contains("control_broken.safetensors"), "{err}");
 }
 
