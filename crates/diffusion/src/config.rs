@@ -436,24 +436,33 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
+/// Stable Diffusion 1.5's `unet/config.json`: the shape the service is built for, used where
+/// no weights are given (benchmarks with random weights, tests).
+pub const SD15_UNET_CONFIG: &str = r#"{
+  "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+  "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+  "out_channels": 4, "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+impl UNetConfig {
+    /// Stable Diffusion 1.5's UNet config.
+    pub fn sd15() -> Self {
+        serde_json::from_str(SD15_UNET_CONFIG).expect("the built-in SD 1.5 config parses")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SD15_UNET: &str = r#"{
-      "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-      "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
-      "cross_attention_dim": 768,
-      "down_block_types": ["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],
-      "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
-      "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-      "out_channels": 4, "sample_size": 64,
-      "up_block_types": ["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"]
-    }"#;
-
     #[test]
     fn sd15_has_twelve_skips_with_the_paper_channels() {
-        let cfg: UNetConfig = serde_json::from_str(SD15_UNET).unwrap();
+        let cfg = UNetConfig::sd15();
         let spec = cfg.resolve().unwrap();
         assert_eq!(spec.n_skips(), 12);
         assert_eq!(
@@ -469,7 +478,7 @@ mod tests {
 
     #[test]
     fn sd2_head_list_is_per_block() {
-        let text = SD15_UNET
+        let text = SD15_UNET_CONFIG
             .replace(
                 "\"attention_head_dim\": 8",
                 "\"attention_head_dim\": [5, 10, 20, 20]",
@@ -491,7 +500,7 @@ mod tests {
 
     #[test]
     fn sdxl_style_configs_are_refused_by_name() {
-        let text = SD15_UNET.replace(
+        let text = SD15_UNET_CONFIG.replace(
             "\"act_fn\": \"silu\"",
             "\"act_fn\": \"silu\", \"addition_embed_type\": \"text_time\"",
         );
@@ -500,7 +509,8 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.to_string().contains("addition_embed_type"), "{err}");
-        let text = SD15_UNET.replace("\"layers_per_block\": 2", "\"layers_per_block\": [2, 2]");
+        let text =
+            SD15_UNET_CONFIG.replace("\"layers_per_block\": 2", "\"layers_per_block\": [2, 2]");
         let err = serde_json::from_str::<UNetConfig>(&text)
             .unwrap()
             .resolve()

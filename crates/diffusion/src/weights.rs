@@ -348,7 +348,10 @@ mod tests {
     #[test]
     fn zip64_records_are_cut_only_when_redundant() {
         // As torch writes it: complete classic record, zip64 record right after the directory.
-        assert_eq!(redundant_zip64(&tail(1000, 3, 900), 1000), Some((1000, 1076)));
+        assert_eq!(
+            redundant_zip64(&tail(1000, 3, 900), 1000),
+            Some((1000, 1076))
+        );
         // Saturated classic fields: the zip64 record holds the real values.
         assert_eq!(redundant_zip64(&tail(1000, 0xFFFF, 900), 1000), None);
         assert_eq!(redundant_zip64(&tail(1000, 3, u32::MAX), 1000), None);

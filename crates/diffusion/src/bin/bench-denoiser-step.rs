@@ -8,16 +8,6 @@ use candle_nn::{VarBuilder, VarMap};
 use diffusion::{ControlNetConfig, ControlNetModel, UNet2DConditionModel, UNetConfig};
 use std::time::Instant;
 
-const SD15_UNET: &str = r#"{
-  "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-  "center_input_sample": false, "cross_attention_dim": 768,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
-  "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-  "out_channels": 4, "sample_size": 64,
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-}"#;
-
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -32,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     let iters = arg("--iters", 5).max(1);
     let device = Device::Cpu;
     let dtype = DType::F32;
-    let unet_config: UNetConfig = serde_json::from_str(SD15_UNET)?;
+    let unet_config = UNetConfig::sd15();
     let cn_config = ControlNetConfig::from_unet(&unet_config);
     // Random weights: timing does not depend on their values.
     let unet_vars = VarMap::new();

@@ -47,26 +47,15 @@ pub fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
     assert_eq!(ours.dims(), reference.dims(), "shapes differ");
     let ours = ours.to_dtype(DType::F64).unwrap();
     let reference = reference.to_dtype(DType::F64).unwrap();
-    let diff = (ours - &reference)
+    abs_max(&(ours - &reference).unwrap()) / abs_max(&reference)
+}
+
+fn abs_max(t: &Tensor) -> f64 {
+    t.abs()
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar::<f64>())
         .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    diff / scale
 }
 
 pub fn residuals_rel_err(

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One denoiser step (ControlNet + UNet, SD 1.5 size, random weights, batch 2 for CFG, 32x32
+# latent, f32, CPU) in this project and in diffusers/torch, measured in the same run, one after
+# the other so they do not share the cores. Prints both and their ratio.
+#
+# Usage: bash tools/bench/denoiser_step.sh [--warmup N] [--iters N]
+# Needs: cargo, and the Python environment of tools/parity (PYTHON=/path/to/python to choose).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}
+args=("$@")
+
+cargo build --release --quiet --bin bench-denoiser-step
+ours=$(./target/release/bench-denoiser-step "${args[@]}" | tail -n 1)
+theirs=$(HF_HUB_OFFLINE=1 "$PYTHON" tools/bench/denoiser_step_torch.py "${args[@]}" 2>/dev/null | tail -n 1)
+
+"$PYTHON" - "$ours" "$theirs" <<'PY'
+import json, sys
+ours, theirs = (json.loads(a) for a in sys.argv[1:3])
+print(f"{'implementation':<28} {'threads':>7} {'median s/step':>14} {'min s/step':>11}")
+for r in (ours, theirs):
+    print(f"{r['impl']:<28} {r['threads']:>7} {r['step_seconds_median']:>14.3f} {r['step_seconds_min']:>11.3f}")
+ratio = ours["step_seconds_median"] / theirs["step_seconds_median"]
+ratio_min = ours["step_seconds_min"] / theirs["step_seconds_min"]
+print(f"ratio ours/diffusers: median {ratio:.2f}, min {ratio_min:.2f} (below 1 = we are faster)")
+PY
