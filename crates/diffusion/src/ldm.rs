@@ -8,13 +8,14 @@
 //! linear attention projections: 64-wide heads).
 use std::collections::{BTreeSet, HashMap};
 
-use crate::config::{ControlNetConfig, EncoderSpec};
+use crate::config::{ControlNetConfig, EncoderSpec, UNetConfig};
 use crate::weights::WeightFile;
 use crate::{Error, Result};
 
 const CONTROL_PREFIX: &str = "control_model.";
-/// How errors name this layout.
+/// How errors name these layouts.
 pub const ORIGINAL_CONTROLNET_LAYOUT: &str = "original ControlNet (`control_model.*` keys)";
+pub const ORIGINAL_SD_LAYOUT: &str = "original single-file SD (`model.diffusion_model.*` keys)";
 
 pub fn is_original_controlnet(file: &WeightFile) -> bool {
     file.keys().iter().any(|k| k.starts_with(CONTROL_PREFIX))
@@ -156,31 +157,45 @@ fn hint_indices(file: &WeightFile) -> Vec<usize> {
     set.into_iter().collect()
 }
 
-/// Reads a ControlNet config off an original-layout file's tensor shapes. `name` (the file
-/// stem) tells the one thing shapes cannot: shuffle models pool their residuals globally, which
-/// A1111 also recognises by name.
-pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlNetConfig> {
-    let path = file.path().display().to_string();
-    let shape = |key: &str| -> Result<Vec<usize>> {
-        file.stored_shape(&format!("{CONTROL_PREFIX}{key}"))
-            .ok_or_else(|| {
-                Error::Weights(format!("{path}: tensor `{CONTROL_PREFIX}{key}` is missing"))
-            })
-    };
-    let has = |key: &str| {
-        file.stored_shape(&format!("{CONTROL_PREFIX}{key}"))
-            .is_some()
-    };
+/// Reads a tensor's stored shape under a key prefix, as an error naming the key if missing.
+struct Shapes<'a> {
+    file: &'a WeightFile,
+    prefix: &'a str,
+}
 
-    let conv_in = shape("input_blocks.0.0.weight")?;
-    let in_channels = conv_in[1];
+impl Shapes<'_> {
+    fn get(&self, key: &str) -> Result<Vec<usize>> {
+        let full = format!("{}{key}", self.prefix);
+        self.file.stored_shape(&full).ok_or_else(|| {
+            Error::Weights(format!(
+                "{}: tensor `{full}` is missing",
+                self.file.path().display()
+            ))
+        })
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.file
+            .stored_shape(&format!("{}{key}", self.prefix))
+            .is_some()
+    }
+}
+
+/// The encoder half of a diffusers config (the fields the UNet and the ControlNet share), read
+/// off the LDM `input_blocks` under `prefix`.
+fn infer_encoder_fields(
+    file: &WeightFile,
+    prefix: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let path = file.path().display().to_string();
+    let shapes = Shapes { file, prefix };
+    let in_channels = shapes.get("input_blocks.0.0.weight")?[1];
     // Input block indices that are downsamplers, in order: they end every level but the last.
-    let keys = file.keys();
     let mut input_indices = BTreeSet::new();
     let mut downsamplers = BTreeSet::new();
-    for k in &keys {
+    for k in file.keys() {
         let Some(rest) = k
-            .strip_prefix(CONTROL_PREFIX)
+            .strip_prefix(prefix)
             .and_then(|k| k.strip_prefix("input_blocks."))
         else {
             continue;
@@ -211,15 +226,14 @@ pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlN
     let mut linear = false;
     for level in 0..n_levels {
         let n = 1 + level * (layers + 1);
-        let c = shape(&format!("input_blocks.{n}.0.out_layers.3.weight"))?[0];
-        channels.push(c);
+        channels.push(shapes.get(&format!("input_blocks.{n}.0.out_layers.3.weight"))?[0]);
         let attn = format!("input_blocks.{n}.1.");
-        if has(&format!("{attn}proj_in.weight")) {
+        if shapes.has(&format!("{attn}proj_in.weight")) {
             down_types.push("CrossAttnDownBlock2D");
-            linear = shape(&format!("{attn}proj_in.weight"))?.len() == 2;
-            cross = shape(&format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?[1];
+            linear = shapes.get(&format!("{attn}proj_in.weight"))?.len() == 2;
+            cross = shapes.get(&format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?[1];
             depth = (0..)
-                .take_while(|t| has(&format!("{attn}transformer_blocks.{t}.norm1.weight")))
+                .take_while(|t| shapes.has(&format!("{attn}transformer_blocks.{t}.norm1.weight")))
                 .count();
         } else {
             down_types.push("DownBlock2D");
@@ -227,7 +241,7 @@ pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlN
     }
     if cross == 0 {
         return Err(Error::Weights(format!(
-            "{path}: no cross-attention found in the ControlNet's input blocks"
+            "{path}: no cross-attention found in the input blocks under `{prefix}`"
         )));
     }
     // SD 1.x: 8 heads everywhere; SD 2.x (linear projections): 64-wide heads.
@@ -235,23 +249,8 @@ pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlN
         .iter()
         .map(|c| if linear { (c / 64).max(1) } else { 8 })
         .collect();
-    let hint = hint_indices(file);
-    if hint.len() < 2 {
-        return Err(Error::Weights(format!(
-            "{path}: no input_hint_block convs found"
-        )));
-    }
-    let conditioning_channels = shape("input_hint_block.0.weight")?[1];
-    let mut hint_channels = vec![shape("input_hint_block.0.weight")?[0]];
-    // Blocks come in pairs (same width, then stride-2 to the next width).
-    for pair in hint[1..hint.len() - 1].chunks(2) {
-        if let [_, second] = pair {
-            hint_channels.push(shape(&format!("input_hint_block.{second}.weight"))?[0]);
-        }
-    }
-    let config = serde_json::json!({
+    let fields = serde_json::json!({
         "in_channels": in_channels,
-        "conditioning_channels": conditioning_channels,
         "down_block_types": down_types,
         "block_out_channels": channels,
         "layers_per_block": layers,
@@ -260,10 +259,115 @@ pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlN
         "transformer_layers_per_block": depth,
         "use_linear_projection": linear,
         "upcast_attention": linear,
-        "conditioning_embedding_out_channels": hint_channels,
-        "global_pool_conditions": name.to_ascii_lowercase().contains("shuffle"),
     });
-    serde_json::from_value(config).map_err(|e| Error::Config(format!("{path}: {e}")))
+    match fields {
+        serde_json::Value::Object(map) => Ok(map),
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// Reads a ControlNet config off an original-layout file's tensor shapes. `name` (the file
+/// stem) tells the one thing shapes cannot: shuffle models pool their residuals globally, which
+/// A1111 also recognises by name.
+pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlNetConfig> {
+    let path = file.path().display().to_string();
+    let shapes = Shapes {
+        file,
+        prefix: CONTROL_PREFIX,
+    };
+    let mut fields = infer_encoder_fields(file, CONTROL_PREFIX)?;
+    let hint = hint_indices(file);
+    if hint.len() < 2 {
+        return Err(Error::Weights(format!(
+            "{path}: no input_hint_block convs found"
+        )));
+    }
+    let conv_in = shapes.get("input_hint_block.0.weight")?;
+    let mut hint_channels = vec![conv_in[0]];
+    // Blocks come in pairs (same width, then stride-2 to the next width).
+    for pair in hint[1..hint.len() - 1].chunks(2) {
+        if let [_, second] = pair {
+            hint_channels.push(shapes.get(&format!("input_hint_block.{second}.weight"))?[0]);
+        }
+    }
+    fields.insert("conditioning_channels".into(), conv_in[1].into());
+    fields.insert(
+        "conditioning_embedding_out_channels".into(),
+        hint_channels.into(),
+    );
+    fields.insert(
+        "global_pool_conditions".into(),
+        name.to_ascii_lowercase().contains("shuffle").into(),
+    );
+    serde_json::from_value(fields.into()).map_err(|e| Error::Config(format!("{path}: {e}")))
+}
+
+/// Where the UNet lives in an original single-file SD checkpoint.
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+
+/// Reads a UNet config off a single-file SD checkpoint's shapes (`model.diffusion_model.*`).
+pub fn infer_unet_config(file: &WeightFile) -> Result<UNetConfig> {
+    let path = file.path().display().to_string();
+    let shapes = Shapes {
+        file,
+        prefix: UNET_PREFIX,
+    };
+    let mut fields = infer_encoder_fields(file, UNET_PREFIX)?;
+    let down: Vec<String> = serde_json::from_value(fields["down_block_types"].clone())
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let up: Vec<&str> = down
+        .iter()
+        .rev()
+        .map(|t| match t.as_str() {
+            "CrossAttnDownBlock2D" => "CrossAttnUpBlock2D",
+            _ => "UpBlock2D",
+        })
+        .collect();
+    fields.insert("up_block_types".into(), up.into());
+    fields.insert("out_channels".into(), shapes.get("out.2.weight")?[0].into());
+    serde_json::from_value(fields.into()).map_err(|e| Error::Config(format!("{path}: {e}")))
+}
+
+/// The diffusers name of an LDM UNet key (whole model), `layers` resnets per down level.
+fn unet_key(key: &str, layers: usize) -> Option<String> {
+    if let Some(rest) = key.strip_prefix("out.") {
+        let (i, rest) = index_and_rest(rest)?;
+        return match i {
+            0 => Some(format!("conv_norm_out.{rest}")),
+            2 => Some(format!("conv_out.{rest}")),
+            _ => None,
+        };
+    }
+    if let Some(rest) = key.strip_prefix("output_blocks.") {
+        // Up level b eats `layers + 1` output blocks; the upsampler sits in the last one, after
+        // the resnet (and the transformer where the level has one).
+        let (n, rest) = index_and_rest(rest)?;
+        let (m, rest) = index_and_rest(rest)?;
+        let (level, j) = (n / (layers + 1), n % (layers + 1));
+        return match (m, rest.strip_prefix("conv.")) {
+            (0, _) => Some(format!(
+                "up_blocks.{level}.resnets.{j}.{}",
+                resnet_inner(rest)?
+            )),
+            (1 | 2, Some(conv)) => Some(format!("up_blocks.{level}.upsamplers.0.conv.{conv}")),
+            (1, None) => Some(format!("up_blocks.{level}.attentions.{j}.{rest}")),
+            _ => None,
+        };
+    }
+    unet_encoder_key(key, layers)
+}
+
+/// The table diffusers name → stored key for the UNet of a single-file SD checkpoint.
+pub fn unet_renames(file: &WeightFile, spec: &EncoderSpec) -> Result<HashMap<String, String>> {
+    let layers = uniform_layers(spec)?;
+    Ok(file
+        .keys()
+        .into_iter()
+        .filter_map(|stored| {
+            let name = unet_key(stored.strip_prefix(UNET_PREFIX)?, layers)?;
+            Some((name, stored))
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -300,6 +404,32 @@ mod tests {
             "time_embedding.linear_2.bias"
         );
         assert_eq!(k("out.0.weight"), None);
+    }
+
+    #[test]
+    fn sd15_output_block_numbering() {
+        // SD 1.5 up path: output_blocks 0-2 (1280, no attention, upsampler in 2 at `.1`),
+        // 3-5 | 6-8 | 9-11 with attention, upsamplers at `.2` in 5 and 8.
+        let k = |s| unet_key(s, 2);
+        assert_eq!(
+            k("output_blocks.2.1.conv.weight").unwrap(),
+            "up_blocks.0.upsamplers.0.conv.weight"
+        );
+        assert_eq!(
+            k("output_blocks.5.2.conv.bias").unwrap(),
+            "up_blocks.1.upsamplers.0.conv.bias"
+        );
+        assert_eq!(
+            k("output_blocks.4.1.transformer_blocks.0.attn1.to_q.weight").unwrap(),
+            "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q.weight"
+        );
+        assert_eq!(
+            k("output_blocks.11.0.skip_connection.weight").unwrap(),
+            "up_blocks.3.resnets.2.conv_shortcut.weight"
+        );
+        assert_eq!(k("out.0.weight").unwrap(), "conv_norm_out.weight");
+        assert_eq!(k("out.2.bias").unwrap(), "conv_out.bias");
+        assert_eq!(k("input_blocks.0.0.bias").unwrap(), "conv_in.bias");
     }
 
     #[test]

@@ -68,6 +68,25 @@ impl UNet2DConditionModel {
         Self::new(vb, &config)
     }
 
+    /// Loads the UNet of an original single-file SD checkpoint (`model.diffusion_model.*` keys),
+    /// its config read off the tensor shapes unless `config` is given.
+    pub fn from_single_file(
+        file: WeightFile,
+        config: Option<UNetConfig>,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        let config = match config {
+            Some(c) => c,
+            None => crate::ldm::infer_unet_config(&file)?,
+        };
+        let renames = crate::ldm::unet_renames(&file, &config.resolve()?)?;
+        let vb = file
+            .with_renames(renames, crate::ldm::ORIGINAL_SD_LAYOUT)
+            .into_var_builder(dtype, device);
+        Self::new(vb, &config)
+    }
+
     pub fn spec(&self) -> &EncoderSpec {
         &self.encoder.spec
     }
