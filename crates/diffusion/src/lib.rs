@@ -4,7 +4,9 @@
 //! return tensors there.
 pub mod blocks;
 pub mod config;
+pub mod control;
 pub mod controlnet;
+pub mod images;
 pub mod ldm;
 pub mod unet;
 pub mod weights;
