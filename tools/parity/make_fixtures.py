@@ -34,6 +34,17 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "crates" / "diffusion" / "tests" / "fixtures"
 MAX_FIXTURE_BYTES = 5_000_000
+# What this script writes (and alone may delete) under FIXTURES.
+OUTPUTS = [
+    "unet_sd15",
+    "controlnet_sd15",
+    "control_sd15_original.safetensors",
+    "control_sd15_original.pth",
+    "unet_sd21",
+    "controlnet_sd21_pool",
+    "cases.safetensors",
+    "manifest.json",
+]
 
 # Non-square latents on purpose (catches H/W mix-ups); the hint is 8x the latent. The SD 2.x
 # latent is odd, so the UNet must upsample to its skips' sizes (diffusers' `upsample_size`),
@@ -322,9 +333,14 @@ def main() -> None:
     if diffusers.__version__ != "0.42.1":
         print(f"WARNING: diffusers {diffusers.__version__}, fixtures were specified against 0.42.1")
 
-    if FIXTURES.exists():
-        shutil.rmtree(FIXTURES)
-    FIXTURES.mkdir(parents=True)
+    # Only this script's outputs: other scripts write their own fixtures beside them.
+    for name in OUTPUTS:
+        path = FIXTURES / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    FIXTURES.mkdir(parents=True, exist_ok=True)
     manifest = {
         "versions": {
             "diffusers": diffusers.__version__,
@@ -417,7 +433,9 @@ def main() -> None:
 
     # --- Size budget -------------------------------------------------------------------------
     total = 0
-    for path in sorted(p for p in FIXTURES.rglob("*") if p.is_file()):
+    own = [FIXTURES / name for name in OUTPUTS]
+    files = [p for p in own if p.is_file()] + [f for p in own if p.is_dir() for f in p.rglob("*")]
+    for path in sorted(f for f in files if f.is_file()):
         size = path.stat().st_size
         total += size
         print(f"  {size:>10,d}  {path.relative_to(FIXTURES)}")
