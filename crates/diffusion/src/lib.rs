@@ -6,11 +6,13 @@ pub mod blocks;
 pub mod config;
 pub mod controlnet;
 pub mod ldm;
+pub mod tokenizer;
 pub mod unet;
 pub mod weights;
 
 pub use config::{ControlNetConfig, UNetConfig};
 pub use controlnet::{ControlNetModel, ControlResiduals};
+pub use tokenizer::ClipTokenizer;
 pub use unet::UNet2DConditionModel;
 
 use std::path::{Path, PathBuf};
