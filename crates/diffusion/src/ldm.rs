@@ -6,8 +6,16 @@
 //! config is read off the tensor shapes; the one thing shapes cannot tell is the head count,
 //! which follows the two families' conventions (SD 1.x: 8 heads; SD 2.x, recognisable by its
 //! linear attention projections: 64-wide heads).
+//!
+//! Original SD checkpoints (`v1-5-pruned-emaonly.safetensors`) hold the VAE under
+//! `first_stage_model.` (LDM names: `encoder.down.N.block.M`, `mid.attn_1` with 1×1-conv
+//! q/k/v/proj_out, `norm_out`, …) and, for SD 1.x, the text encoder under
+//! `cond_stage_model.transformer.` with transformers' names (with or without `text_model.`).
+//! SD 2.x files keep an OpenCLIP model there (`cond_stage_model.model.*`, fused attention
+//! projections), which is not supported: such models load from their diffusers folder.
 use std::collections::{BTreeSet, HashMap};
 
+use crate::clip::ClipTextConfig;
 use crate::config::{ControlNetConfig, EncoderSpec};
 use crate::weights::WeightFile;
 use crate::{Error, Result};
@@ -264,6 +272,92 @@ pub fn infer_controlnet_config(file: &WeightFile, name: &str) -> Result<ControlN
         "global_pool_conditions": name.to_ascii_lowercase().contains("shuffle"),
     });
     serde_json::from_value(config).map_err(|e| Error::Config(format!("{path}: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Original SD checkpoints: VAE and SD 1.x text encoder.
+
+/// How errors name this layout.
+pub const ORIGINAL_SD_LAYOUT: &str =
+    "original SD single file (`first_stage_model.*`, `cond_stage_model.*` keys)";
+const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+
+/// Whether the file is an original SD checkpoint (UNet, VAE and text encoder in one file).
+pub fn is_original_sd_checkpoint(file: &WeightFile) -> bool {
+    file.keys().iter().any(|k| {
+        [
+            "model.diffusion_model.",
+            "first_stage_model.",
+            "cond_stage_model.",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+    })
+}
+
+/// The table diffusers name (as [`crate::clip::ClipTextModel`] reads it, without `text_model.`)
+/// → stored key for the SD 1.x text encoder of an original checkpoint.
+pub fn clip_renames(file: &WeightFile) -> Result<HashMap<String, String>> {
+    let keys = file.keys();
+    if keys.iter().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
+        return Err(Error::Weights(format!(
+            "{}: the text encoder is an OpenCLIP model (`{OPEN_CLIP_PREFIX}*`, an SD 2.x \
+             checkpoint); single-file SD 2.x text encoders are not supported, load the model's \
+             diffusers folder instead",
+            file.path().display()
+        )));
+    }
+    let map: HashMap<String, String> = keys
+        .iter()
+        .filter_map(|stored| {
+            let rest = stored.strip_prefix(CLIP_PREFIX)?;
+            let name = rest.strip_prefix("text_model.").unwrap_or(rest);
+            Some((name.to_string(), stored.clone()))
+        })
+        .collect();
+    if map.is_empty() {
+        return Err(Error::Weights(format!(
+            "{}: no SD 1.x text encoder (`{CLIP_PREFIX}*` keys) in this file",
+            file.path().display()
+        )));
+    }
+    Ok(map)
+}
+
+/// Reads the text encoder's config off an original SD 1.x checkpoint. Shapes give every size
+/// but the head count, which follows CLIP's 64-wide heads (12 for SD 1.x's 768 wide model);
+/// the activation is OpenAI CLIP's `quick_gelu`.
+pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
+    let renames = clip_renames(file)?;
+    let path = file.path().display().to_string();
+    let shape = |name: &str| -> Result<Vec<usize>> {
+        renames
+            .get(name)
+            .and_then(|k| file.stored_shape(k))
+            .ok_or_else(|| {
+                Error::Weights(format!(
+                    "{path}: tensor `{name}` of the text encoder is missing ({ORIGINAL_SD_LAYOUT})"
+                ))
+            })
+    };
+    let token = shape("embeddings.token_embedding.weight")?;
+    let positions = shape("embeddings.position_embedding.weight")?;
+    let fc1 = shape("encoder.layers.0.mlp.fc1.weight")?;
+    let layers = (0..)
+        .take_while(|i| renames.contains_key(&format!("encoder.layers.{i}.mlp.fc1.weight")))
+        .count();
+    let hidden = token[1];
+    Ok(ClipTextConfig {
+        vocab_size: token[0],
+        hidden_size: hidden,
+        intermediate_size: fc1[0],
+        num_hidden_layers: layers,
+        num_attention_heads: (hidden / 64).max(1),
+        max_position_embeddings: positions[0],
+        hidden_act: "quick_gelu".into(),
+        layer_norm_eps: 1e-5,
+    })
 }
 
 #[cfg(test)]

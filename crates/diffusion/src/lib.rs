@@ -3,6 +3,7 @@
 //! Models know nothing of requests: they take tensors on the device they were loaded on and
 //! return tensors there.
 pub mod blocks;
+pub mod clip;
 pub mod config;
 pub mod controlnet;
 pub mod ldm;
@@ -10,6 +11,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod weights;
 
+pub use clip::{ClipTextConfig, ClipTextModel};
 pub use config::{ControlNetConfig, UNetConfig};
 pub use controlnet::{ControlNetModel, ControlResiduals};
 pub use tokenizer::ClipTokenizer;

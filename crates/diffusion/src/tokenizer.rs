@@ -320,11 +320,10 @@ fn parse_vocab(text: &str, what: &str) -> Result<HashMap<String, u32>> {
     serde_json::from_str(text).map_err(|e| Error::Config(format!("{what}: {e}")))
 }
 
+type VocabAndMerges = (HashMap<String, u32>, Vec<(String, String)>);
+
 /// Vocabulary and merges of a `tokenizer.json` BPE model (merges as `"a b"` or `["a", "b"]`).
-fn tokenizer_json_model(
-    json: &Value,
-    what: &str,
-) -> Result<(HashMap<String, u32>, Vec<(String, String)>)> {
+fn tokenizer_json_model(json: &Value, what: &str) -> Result<VocabAndMerges> {
     let model = json
         .get("model")
         .ok_or_else(|| Error::Config(format!("{what}: no `model`")))?;

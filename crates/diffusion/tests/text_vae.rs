@@ -137,3 +137,181 @@ fn sd2_pad_token_splits_exclamation_marks_as_transformers_does() {
     assert!(!sd15.contains(&0));
     assert_eq!(sd21.iter().filter(|&&t| t == 0).count(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Text encoder and VAE
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{fixtures, identical, rel_err};
+use diffusion::ClipTextModel;
+use std::collections::HashMap;
+
+/// f32 against transformers' / diffusers' f32 (max |Δ| / max |ref|).
+const F32_BOUND: f64 = 1e-4;
+
+struct Cases(HashMap<String, Tensor>);
+
+impl Cases {
+    fn load() -> Self {
+        let path = fixtures().join("text_vae_cases.safetensors");
+        Cases(candle_core::safetensors::load(&path, &Device::Cpu).expect("fixture cases"))
+    }
+
+    fn get(&self, name: &str) -> Tensor {
+        self.0
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
+            .clone()
+    }
+}
+
+fn text_encoder(name: &str, dtype: DType) -> ClipTextModel {
+    ClipTextModel::from_diffusers_dir(&fixtures().join(name), dtype, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+#[test]
+fn text_encoders_match_transformers() {
+    let cases = Cases::load();
+    for (family, act) in [("sd15", "quick_gelu"), ("sd21", "gelu")] {
+        let model = text_encoder(&format!("text_encoder_{family}"), DType::F32);
+        assert_eq!(model.config.hidden_act, act);
+        let ids = cases.get(&format!("{family}.text.ids"));
+        for clip_skip in [0, 1, 2] {
+            let out = model.forward_with_clip_skip(&ids, clip_skip).unwrap();
+            let reference = cases.get(&format!("{family}.text.clip_skip_{clip_skip}"));
+            let err = rel_err(&out, &reference);
+            eprintln!("{family} text encoder clip_skip {clip_skip} f32 rel err {err:.2e}");
+            assert!(
+                err <= F32_BOUND,
+                "{family} clip_skip {clip_skip}: {err:.3e}"
+            );
+        }
+        // clip_skip matters (the test could fail).
+        let a = cases.get(&format!("{family}.text.clip_skip_0"));
+        let b = cases.get(&format!("{family}.text.clip_skip_1"));
+        assert!(rel_err(&a, &b) > 1e-2);
+    }
+}
+
+#[test]
+fn chunked_prompt_is_each_chunk_encoded_alone_then_concatenated() {
+    let cases = Cases::load();
+    let model = text_encoder("text_encoder_sd15", DType::F32);
+    let ids = cases.get("sd15.text.ids").to_dtype(DType::U32).unwrap();
+    let rows: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    let chunks: Vec<[u32; CONTEXT_LENGTH]> =
+        rows.iter().map(|r| r.clone().try_into().unwrap()).collect();
+    let out = model.encode_chunks(&chunks, 1).unwrap();
+    assert_eq!(out.dims(), [1, 2 * CONTEXT_LENGTH, 32]);
+    for (i, _) in chunks.iter().enumerate() {
+        let alone = model
+            .forward_with_clip_skip(&ids.i(i..i + 1).unwrap(), 1)
+            .unwrap();
+        let part = out.narrow(1, i * CONTEXT_LENGTH, CONTEXT_LENGTH).unwrap();
+        assert!(rel_err(&part, &alone) <= 1e-6, "chunk {i}");
+    }
+}
+
+/// f16 against the f32 reference (weights are f16-exact, only activations round). f16 keeps
+/// u = 2^-11 ≈ 4.9e-4; a few dozen rounding stages add up to a few u at the worst element:
+/// the bound is 20u, 1e-2, as for the UNet.
+#[test]
+fn f16_within_rounding_bound() {
+    let cases = Cases::load();
+    let dtype = DType::F16;
+    for family in ["sd15", "sd21"] {
+        let model = text_encoder(&format!("text_encoder_{family}"), dtype);
+        let out = model
+            .forward_with_clip_skip(&cases.get(&format!("{family}.text.ids")), 1)
+            .unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let err = rel_err(&out, &cases.get(&format!("{family}.text.clip_skip_1")));
+        eprintln!("{family} text encoder f16 rel err {err:.2e}");
+        assert!(err <= 1e-2, "{family}: {err:.3e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The original single-file layout
+
+fn single_file() -> PathBuf {
+    fixtures().join("sd15_single_file.safetensors")
+}
+
+/// A copy of the single file with keys renamed (or dropped when `rename` gives `None`).
+fn rewritten(rename: impl Fn(&str) -> Option<String>, file_name: &str) -> (PathBuf, PathBuf) {
+    let tensors = candle_core::safetensors::load(single_file(), &Device::Cpu).unwrap();
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .filter_map(|(k, v)| rename(&k).map(|k| (k, v)))
+        .collect();
+    let dir = tempdir();
+    let path = dir.join(file_name);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn single_file_text_encoder_is_the_folder_model() {
+    let cases = Cases::load();
+    let ids = cases.get("sd15.text.ids");
+    let folder = text_encoder("text_encoder_sd15", DType::F32);
+    let weights = diffusion::weights::WeightFile::open(&single_file()).unwrap();
+    assert!(diffusion::ldm::is_original_sd_checkpoint(&weights));
+    let mut inferred = diffusion::ldm::infer_clip_config(&weights).unwrap();
+    // Shapes cannot show the head count; inference assumes CLIP's 64-wide heads (1 head for
+    // this 32-wide model), the fixture has 4.
+    assert_eq!(inferred.num_attention_heads, 1);
+    inferred.num_attention_heads = folder.config.num_attention_heads;
+    assert_eq!(inferred, folder.config);
+    let run = |m: &ClipTextModel| m.forward_with_clip_skip(&ids, 1).unwrap();
+    let reference = run(&folder);
+
+    let single = ClipTextModel::from_single_file(
+        &single_file(),
+        Some(inferred.clone()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(identical(&run(&single), &reference));
+
+    // Older checkpoints have no `text_model.` level.
+    let (dir, path) = rewritten(
+        |k| {
+            Some(k.replace(
+                "cond_stage_model.transformer.text_model.",
+                "cond_stage_model.transformer.",
+            ))
+        },
+        "flat.safetensors",
+    );
+    let flat =
+        ClipTextModel::from_single_file(&path, Some(inferred), DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(identical(&run(&flat), &reference));
+}
+
+#[test]
+fn sd2_single_file_text_encoder_is_refused_by_name() {
+    let (dir, path) = rewritten(
+        |k| {
+            Some(k.replace(
+                "cond_stage_model.transformer.text_model.",
+                "cond_stage_model.model.",
+            ))
+        },
+        "sd21.safetensors",
+    );
+    let err = ClipTextModel::from_single_file(&path, None, DType::F32, &Device::Cpu)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        err.contains("OpenCLIP") && err.contains("not supported"),
+        "{err}"
+    );
+    assert!(err.contains("sd21.safetensors"), "{err}");
+}
