@@ -9,6 +9,7 @@ pub mod controlnet;
 pub mod ldm;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use clip::{ClipTextConfig, ClipTextModel};
@@ -16,6 +17,7 @@ pub use config::{ControlNetConfig, UNetConfig};
 pub use controlnet::{ControlNetModel, ControlResiduals};
 pub use tokenizer::ClipTokenizer;
 pub use unet::UNet2DConditionModel;
+pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};
 
 use std::path::{Path, PathBuf};
 

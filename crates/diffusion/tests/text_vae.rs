@@ -143,7 +143,7 @@ fn sd2_pad_token_splits_exclamation_marks_as_transformers_does() {
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{fixtures, identical, rel_err};
-use diffusion::ClipTextModel;
+use diffusion::{AutoencoderKL, ClipTextModel};
 use std::collections::HashMap;
 
 /// f32 against transformers' / diffusers' f32 (max |Δ| / max |ref|).
@@ -168,6 +168,11 @@ impl Cases {
 fn text_encoder(name: &str, dtype: DType) -> ClipTextModel {
     ClipTextModel::from_diffusers_dir(&fixtures().join(name), dtype, &Device::Cpu)
         .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+fn vae(dtype: DType) -> AutoencoderKL {
+    AutoencoderKL::from_diffusers_dir(&fixtures().join("vae"), dtype, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading vae: {e}"))
 }
 
 #[test]
@@ -213,6 +218,49 @@ fn chunked_prompt_is_each_chunk_encoded_alone_then_concatenated() {
     }
 }
 
+#[test]
+fn vae_decode_and_encode_match_diffusers() {
+    let cases = Cases::load();
+    let model = vae(DType::F32);
+    let decoded = model.decode(&cases.get("vae.z")).unwrap();
+    let err = rel_err(&decoded, &cases.get("vae.decoded"));
+    eprintln!("vae decode f32 rel err {err:.2e}");
+    assert!(err <= F32_BOUND, "decode: {err:.3e}");
+
+    let dist = model.encode(&cases.get("vae.image")).unwrap();
+    for (name, ours) in [
+        ("mean", &dist.mean),
+        ("logvar", &dist.logvar),
+        ("std", &dist.std),
+    ] {
+        let err = rel_err(ours, &cases.get(&format!("vae.{name}")));
+        eprintln!("vae encode {name} f32 rel err {err:.2e}");
+        assert!(err <= F32_BOUND, "encode {name}: {err:.3e}");
+    }
+    let sample = dist.sample(&cases.get("vae.sample_noise")).unwrap();
+    let err = rel_err(&sample, &cases.get("vae.sample"));
+    assert!(err <= F32_BOUND, "sample: {err:.3e}");
+    assert!(identical(&dist.mode(), &dist.mean));
+}
+
+#[test]
+fn vae_latent_scaling_helpers() {
+    let cases = Cases::load();
+    let model = vae(DType::F32);
+    let sf = model.scaling_factor();
+    assert_eq!(sf, 0.18215);
+    let z = cases.get("vae.z");
+    let via_latents = model.decode_latents(&(&z * sf).unwrap()).unwrap();
+    assert!(rel_err(&via_latents, &model.decode(&z).unwrap()) <= 1e-6);
+    let image = cases.get("vae.image");
+    let noise = cases.get("vae.sample_noise");
+    let latents = model.encode_latents(&image, Some(&noise)).unwrap();
+    let expected = (cases.get("vae.sample") * sf).unwrap();
+    assert!(rel_err(&latents, &expected) <= F32_BOUND);
+    let mode = model.encode_latents(&image, None).unwrap();
+    assert!(rel_err(&mode, &(cases.get("vae.mean") * sf).unwrap()) <= F32_BOUND);
+}
+
 /// f16 against the f32 reference (weights are f16-exact, only activations round). f16 keeps
 /// u = 2^-11 ≈ 4.9e-4; a few dozen rounding stages add up to a few u at the worst element:
 /// the bound is 20u, 1e-2, as for the UNet.
@@ -230,6 +278,17 @@ fn f16_within_rounding_bound() {
         eprintln!("{family} text encoder f16 rel err {err:.2e}");
         assert!(err <= 1e-2, "{family}: {err:.3e}");
     }
+    let model = vae(dtype);
+    let decoded = model
+        .decode(&cases.get("vae.z").to_dtype(dtype).unwrap())
+        .unwrap();
+    let err = rel_err(&decoded, &cases.get("vae.decoded"));
+    let dist = model
+        .encode(&cases.get("vae.image").to_dtype(dtype).unwrap())
+        .unwrap();
+    let err_mean = rel_err(&dist.mean, &cases.get("vae.mean"));
+    eprintln!("vae f16 rel err: decode {err:.2e}, encode mean {err_mean:.2e}");
+    assert!(err <= 1e-2 && err_mean <= 1e-2, "{err:.3e} {err_mean:.3e}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,6 +353,87 @@ fn single_file_text_encoder_is_the_folder_model() {
 }
 
 #[test]
+fn single_file_vae_is_the_folder_model() {
+    let cases = Cases::load();
+    let folder = vae(DType::F32);
+    let weights = diffusion::weights::WeightFile::open(&single_file()).unwrap();
+    let mut inferred = diffusion::ldm::infer_vae_config(&weights).unwrap();
+    // The norm group count is not in the shapes: SD's 32 is assumed, the fixture has 4.
+    assert_eq!(inferred.norm_num_groups, 32);
+    inferred.norm_num_groups = folder.config.norm_num_groups;
+    inferred.sample_size = folder.config.sample_size.clone();
+    assert_eq!(inferred, folder.config);
+    let run = |m: &AutoencoderKL| {
+        let dist = m.encode(&cases.get("vae.image")).unwrap();
+        (
+            m.decode(&cases.get("vae.z")).unwrap(),
+            dist.mean,
+            dist.logvar,
+        )
+    };
+    let reference = run(&folder);
+    let check = |m: &AutoencoderKL, what: &str| {
+        let ours = run(m);
+        assert!(identical(&ours.0, &reference.0), "{what}: decode");
+        assert!(identical(&ours.1, &reference.1), "{what}: mean");
+        assert!(identical(&ours.2, &reference.2), "{what}: logvar");
+    };
+    let single = AutoencoderKL::from_single_file(
+        &single_file(),
+        Some(inferred.clone()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    check(&single, "first_stage_model.*");
+
+    // A standalone LDM VAE file (vae-ft-mse-840000-ema-pruned): no prefix, attention
+    // projections already linear in some conversions.
+    let (dir, path) = rewritten(
+        |k| k.strip_prefix("first_stage_model.").map(str::to_string),
+        "vae.safetensors",
+    );
+    let standalone =
+        AutoencoderKL::from_single_file(&path, Some(inferred), DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    check(&standalone, "standalone");
+}
+
+#[test]
+fn legacy_diffusers_vae_attention_names_load() {
+    let folder = vae(DType::F32);
+    let src = fixtures().join("vae");
+    let dir = tempdir();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let tensors = candle_core::safetensors::load(
+        src.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace(".to_q.", ".query.")
+                .replace(".to_k.", ".key.")
+                .replace(".to_v.", ".value.")
+                .replace(".to_out.0.", ".proj_attn.");
+            (k, v)
+        })
+        .collect();
+    assert!(tensors.contains_key("decoder.mid_block.attentions.0.proj_attn.weight"));
+    candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    let legacy = AutoencoderKL::from_diffusers_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let z = Cases::load().get("vae.z");
+    assert!(identical(
+        &legacy.decode(&z).unwrap(),
+        &folder.decode(&z).unwrap()
+    ));
+}
+
+#[test]
 fn sd2_single_file_text_encoder_is_refused_by_name() {
     let (dir, path) = rewritten(
         |k| {
@@ -314,4 +454,48 @@ fn sd2_single_file_text_encoder_is_refused_by_name() {
         "{err}"
     );
     assert!(err.contains("sd21.safetensors"), "{err}");
+}
+
+#[test]
+fn single_file_errors_name_the_key_and_the_layout() {
+    let tensors = candle_core::safetensors::load(single_file(), &Device::Cpu).unwrap();
+    let key = "first_stage_model.encoder.mid.attn_1.q.weight";
+    assert_eq!(tensors[key].dims(), [16, 16, 1, 1]);
+    let weights = diffusion::weights::WeightFile::open(&single_file()).unwrap();
+    let mut config = diffusion::ldm::infer_vae_config(&weights).unwrap();
+    config.norm_num_groups = 4;
+    // A missing tensor has no stored name to show: the error names the layout.
+    let (dir, path) = rewritten(|k| (k != key).then(|| k.to_string()), "broken.safetensors");
+    let err =
+        AutoencoderKL::from_single_file(&path, Some(config.clone()), DType::F32, &Device::Cpu)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("encoder.mid_block.attentions.0.to_q.weight") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(err.contains("original SD single file"), "{err}");
+    assert!(err.contains("broken.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+
+    // A mis-shaped attention kernel: named by stored key, model name and both shapes.
+    let mut tensors = tensors;
+    tensors.insert(
+        key.to_string(),
+        Tensor::zeros((16, 8, 1, 1), DType::F16, &Device::Cpu).unwrap(),
+    );
+    let dir = tempdir();
+    let path = dir.join("misshaped.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = AutoencoderKL::from_single_file(&path, Some(config), DType::F32, &Device::Cpu)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(err.contains(key) && err.contains("to_q.weight"), "{err}");
+    assert!(
+        err.contains("[16, 8, 1, 1]") && err.contains("[16, 16, 1, 1]"),
+        "{err}"
+    );
 }
