@@ -515,8 +515,9 @@ impl ClipTokenizer {
         self.wrap(&[])
     }
 
-    /// The prompt as text-encoder inputs, A1111-style: its tokens cut into runs of 75, each
-    /// wrapped in bos … eos and padded to 77. The embeddings of the chunks, concatenated along
+    /// The prompt as text-encoder inputs, A1111-style: its tokens cut into runs of 75 (A1111
+    /// moves a cut back to a comma up to 20 tokens earlier; this does not), each wrapped in
+    /// bos … eos and padded to 77. The embeddings of the chunks, concatenated along
     /// the sequence axis, condition the UNet; nothing is dropped. A prompt of at most 75 tokens
     /// is one chunk, identical to what diffusers feeds the text encoder (whose truncation to 77
     /// is exactly the first chunk of a longer prompt). Always at least one chunk.
