@@ -199,6 +199,29 @@ fn text_encoders_match_transformers() {
     }
 }
 
+/// Every SD repository's `text_encoder/model.safetensors` predates transformers 5.6 and keeps
+/// the `text_model.` level that the fixture (saved by transformers 5.24) no longer has.
+#[test]
+fn text_encoder_folder_with_text_model_level_loads() {
+    let src = fixtures().join("text_encoder_sd15");
+    let dir = tempdir();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (format!("text_model.{k}"), v))
+        .collect::<HashMap<_, _>>();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let nested = ClipTextModel::from_diffusers_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let ids = Cases::load().get("sd15.text.ids");
+    let flat = text_encoder("text_encoder_sd15", DType::F32);
+    assert!(identical(
+        &nested.forward(&ids).unwrap(),
+        &flat.forward(&ids).unwrap()
+    ));
+}
+
 #[test]
 fn chunked_prompt_is_each_chunk_encoded_alone_then_concatenated() {
     let cases = Cases::load();
