@@ -114,7 +114,7 @@ impl Module for FeedForward {
 /// LayerNorm over the last dimension, computed in f32 from primitive ops (candle's fused
 /// layer-norm op has no backward; see [`Attention::forward`]).
 #[derive(Debug)]
-struct LayerNorm {
+pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
@@ -122,10 +122,14 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        Self::with_eps(vb, dim, 1e-5)
+    }
+
+    pub(crate) fn with_eps(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.get_with_hints(dim, "weight", nn::Init::Const(1.0))?,
             bias: vb.get_with_hints(dim, "bias", nn::Init::Const(0.0))?,
-            eps: 1e-5,
+            eps,
         })
     }
 }

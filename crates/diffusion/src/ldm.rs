@@ -6,16 +6,24 @@
 //! config is read off the tensor shapes; the one thing shapes cannot tell is the head count,
 //! which follows the two families' conventions (SD 1.x: 8 heads; SD 2.x, recognisable by its
 //! linear attention projections: 64-wide heads).
+//!
+//! Original SD checkpoints (`v1-5-pruned-emaonly.safetensors`) hold the VAE under
+//! `first_stage_model.` (LDM names: `encoder.down.N.block.M`, `mid.attn_1` with 1×1-conv
+//! q/k/v/proj_out, `norm_out`, …) and, for SD 1.x, the text encoder under
+//! `cond_stage_model.transformer.` with transformers' names (with or without `text_model.`).
+//! SD 2.x files keep an OpenCLIP model there (`cond_stage_model.model.*`, fused attention
+//! projections), which is not supported: such models load from their diffusers folder.
 use std::collections::{BTreeSet, HashMap};
 
+use crate::clip::ClipTextConfig;
 use crate::config::{ControlNetConfig, EncoderSpec, UNetConfig};
-use crate::weights::WeightFile;
+use crate::vae::VaeConfig;
+use crate::weights::{StoredTensor, WeightFile};
 use crate::{Error, Result};
 
 const CONTROL_PREFIX: &str = "control_model.";
 /// How errors name these layouts.
 pub const ORIGINAL_CONTROLNET_LAYOUT: &str = "original ControlNet (`control_model.*` keys)";
-pub const ORIGINAL_SD_LAYOUT: &str = "original single-file SD (`model.diffusion_model.*` keys)";
 
 pub fn is_original_controlnet(file: &WeightFile) -> bool {
     file.keys().iter().any(|k| k.starts_with(CONTROL_PREFIX))
@@ -370,9 +378,304 @@ pub fn unet_renames(file: &WeightFile, spec: &EncoderSpec) -> Result<HashMap<Str
         .collect())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Original SD checkpoints: VAE and SD 1.x text encoder.
+
+/// How errors name this layout.
+pub const ORIGINAL_SD_LAYOUT: &str =
+    "original SD single file (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*` keys)";
+const VAE_PREFIXES: [&str; 2] = ["first_stage_model.", "vae."];
+const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+
+/// Whether the file is an original SD checkpoint (UNet, VAE and text encoder in one file).
+pub fn is_original_sd_checkpoint(file: &WeightFile) -> bool {
+    file.keys().iter().any(|k| {
+        [
+            "model.diffusion_model.",
+            "first_stage_model.",
+            "cond_stage_model.",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+    })
+}
+
+/// The table diffusers name (as [`crate::clip::ClipTextModel`] reads it, without `text_model.`)
+/// → stored key for the SD 1.x text encoder of an original checkpoint.
+pub fn clip_renames(file: &WeightFile) -> Result<HashMap<String, String>> {
+    let keys = file.keys();
+    if keys.iter().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
+        return Err(Error::Weights(format!(
+            "{}: the text encoder is an OpenCLIP model (`{OPEN_CLIP_PREFIX}*`, an SD 2.x \
+             checkpoint); single-file SD 2.x text encoders are not supported, load the model's \
+             diffusers folder instead",
+            file.path().display()
+        )));
+    }
+    let map: HashMap<String, String> = keys
+        .iter()
+        .filter_map(|stored| {
+            let rest = stored.strip_prefix(CLIP_PREFIX)?;
+            let name = rest.strip_prefix("text_model.").unwrap_or(rest);
+            Some((name.to_string(), stored.clone()))
+        })
+        .collect();
+    if map.is_empty() {
+        return Err(Error::Weights(format!(
+            "{}: no SD 1.x text encoder (`{CLIP_PREFIX}*` keys) in this file",
+            file.path().display()
+        )));
+    }
+    Ok(map)
+}
+
+/// Reads the text encoder's config off an original SD 1.x checkpoint. Shapes give every size
+/// but the head count, which follows CLIP's 64-wide heads (12 for SD 1.x's 768 wide model);
+/// the activation is OpenAI CLIP's `quick_gelu`.
+pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
+    let renames = clip_renames(file)?;
+    let path = file.path().display().to_string();
+    let shape = |name: &str| -> Result<Vec<usize>> {
+        renames
+            .get(name)
+            .and_then(|k| file.stored_shape(k))
+            .ok_or_else(|| {
+                Error::Weights(format!(
+                    "{path}: tensor `{name}` of the text encoder is missing ({ORIGINAL_SD_LAYOUT})"
+                ))
+            })
+    };
+    let token = shape("embeddings.token_embedding.weight")?;
+    let positions = shape("embeddings.position_embedding.weight")?;
+    let fc1 = shape("encoder.layers.0.mlp.fc1.weight")?;
+    let layers = (0..)
+        .take_while(|i| renames.contains_key(&format!("encoder.layers.{i}.mlp.fc1.weight")))
+        .count();
+    let hidden = token[1];
+    Ok(ClipTextConfig {
+        vocab_size: token[0],
+        hidden_size: hidden,
+        intermediate_size: fc1[0],
+        num_hidden_layers: layers,
+        num_attention_heads: (hidden / 64).max(1),
+        max_position_embeddings: positions[0],
+        hidden_act: "quick_gelu".into(),
+        layer_norm_eps: 1e-5,
+    })
+}
+
+/// Where the VAE's keys start: `first_stage_model.` (SD checkpoints), `vae.`, or nothing (a
+/// standalone LDM VAE file such as `vae-ft-mse-840000-ema-pruned.safetensors`).
+fn vae_prefix(file: &WeightFile) -> Result<&'static str> {
+    let keys = file.keys();
+    for prefix in VAE_PREFIXES {
+        if keys.iter().any(|k| k.starts_with(prefix)) {
+            return Ok(prefix);
+        }
+    }
+    if file.stored_shape("encoder.conv_in.weight").is_some() {
+        return Ok("");
+    }
+    Err(Error::Weights(format!(
+        "{}: no VAE (`first_stage_model.*` or `encoder.*` / `decoder.*` keys) in this file",
+        file.path().display()
+    )))
+}
+
+/// LDM VAE resnet inner names → diffusers `ResnetBlock2D` names.
+fn vae_resnet_inner(rest: &str) -> String {
+    match rest.strip_prefix("nin_shortcut.") {
+        Some(t) => format!("conv_shortcut.{t}"),
+        None => rest.to_string(),
+    }
+}
+
+/// The diffusers name of an LDM VAE key (without its prefix) for a VAE with `n_levels` levels,
+/// and whether the tensor is a 1×1 conv kernel that diffusers stores as a linear weight.
+pub fn vae_key(key: &str, n_levels: usize) -> Option<(String, bool)> {
+    if key.starts_with("quant_conv.") || key.starts_with("post_quant_conv.") {
+        return Some((key.to_string(), false));
+    }
+    let (part, rest) = key.split_once('.')?;
+    if part != "encoder" && part != "decoder" {
+        return None;
+    }
+    let plain = |name: String| Some((format!("{part}.{name}"), false));
+    if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        return plain(rest.to_string());
+    }
+    if let Some(t) = rest.strip_prefix("norm_out.") {
+        return plain(format!("conv_norm_out.{t}"));
+    }
+    if let Some(t) = rest.strip_prefix("mid.attn_1.") {
+        const MAP: [(&str, &str); 5] = [
+            ("norm.", "group_norm."),
+            ("q.", "to_q."),
+            ("k.", "to_k."),
+            ("v.", "to_v."),
+            ("proj_out.", "to_out.0."),
+        ];
+        let (old, new) = MAP.iter().find(|(old, _)| t.starts_with(old))?;
+        let tail = &t[old.len()..];
+        let conv = *old != "norm." && tail == "weight";
+        return Some((format!("{part}.mid_block.attentions.0.{new}{tail}"), conv));
+    }
+    if let Some(t) = rest.strip_prefix("mid.block_") {
+        let (k, inner) = index_and_rest(t)?;
+        return (k == 1 || k == 2).then(|| {
+            (
+                format!(
+                    "{part}.mid_block.resnets.{}.{}",
+                    k - 1,
+                    vae_resnet_inner(inner)
+                ),
+                false,
+            )
+        });
+    }
+    // down.{i} (encoder) and up.{b} (decoder, numbered bottom-up: diffusers' up_blocks.{n-1-b}).
+    let (kind, t) = if part == "encoder" {
+        ("down", rest.strip_prefix("down.")?)
+    } else {
+        ("up", rest.strip_prefix("up.")?)
+    };
+    let (i, t) = index_and_rest(t)?;
+    if i >= n_levels {
+        return None;
+    }
+    let level = if kind == "up" { n_levels - 1 - i } else { i };
+    if let Some(t) = t.strip_prefix("block.") {
+        let (j, inner) = index_and_rest(t)?;
+        return plain(format!(
+            "{kind}_blocks.{level}.resnets.{j}.{}",
+            vae_resnet_inner(inner)
+        ));
+    }
+    let resample = if kind == "up" {
+        "upsample"
+    } else {
+        "downsample"
+    };
+    let t = t.strip_prefix(resample)?.strip_prefix(".conv.")?;
+    plain(format!("{kind}_blocks.{level}.{resample}rs.0.conv.{t}"))
+}
+
+/// The table diffusers name → stored tensor for the VAE of an original checkpoint (or a
+/// standalone LDM VAE file).
+pub fn vae_layout(file: &WeightFile, config: &VaeConfig) -> Result<HashMap<String, StoredTensor>> {
+    let prefix = vae_prefix(file)?;
+    let n_levels = config.block_out_channels.len();
+    let mut table = HashMap::new();
+    for stored in file.keys() {
+        let Some(key) = stored.strip_prefix(prefix) else {
+            continue;
+        };
+        if let Some((name, conv_as_linear)) = vae_key(key, n_levels) {
+            table.insert(
+                name,
+                StoredTensor {
+                    key: stored.clone(),
+                    conv_as_linear,
+                },
+            );
+        }
+    }
+    Ok(table)
+}
+
+/// Reads a VAE config off an original checkpoint's tensor shapes. Shapes give every size but
+/// the norm group count (SD's 32) and the scaling factor (SD 1.x / 2.x's 0.18215).
+pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
+    let prefix = vae_prefix(file)?;
+    let path = file.path().display().to_string();
+    let has = |key: &str| file.stored_shape(&format!("{prefix}{key}")).is_some();
+    let shape = |key: &str| -> Result<Vec<usize>> {
+        file.stored_shape(&format!("{prefix}{key}"))
+            .ok_or_else(|| Error::Weights(format!("{path}: tensor `{prefix}{key}` is missing")))
+    };
+    let channels: Vec<usize> = (0..)
+        .map_while(|i| file.stored_shape(&format!("{prefix}encoder.down.{i}.block.0.conv1.weight")))
+        .map(|s| s[0])
+        .collect();
+    if channels.is_empty() {
+        return Err(Error::Weights(format!(
+            "{path}: no `{prefix}encoder.down.0.block.0.conv1.weight`: not an LDM VAE"
+        )));
+    }
+    let layers = (0..)
+        .take_while(|j| has(&format!("encoder.down.0.block.{j}.conv1.weight")))
+        .count();
+    let n = channels.len();
+    let config = serde_json::json!({
+        "in_channels": shape("encoder.conv_in.weight")?[1],
+        "out_channels": shape("decoder.conv_out.weight")?[0],
+        "down_block_types": vec!["DownEncoderBlock2D"; n],
+        "up_block_types": vec!["UpDecoderBlock2D"; n],
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "latent_channels": shape("decoder.conv_in.weight")?[1],
+        "norm_num_groups": 32,
+        "scaling_factor": 0.18215,
+        "use_quant_conv": has("quant_conv.weight"),
+        "use_post_quant_conv": has("post_quant_conv.weight"),
+        "mid_block_add_attention": has("encoder.mid.attn_1.q.weight"),
+    });
+    serde_json::from_value(config).map_err(|e| Error::Config(format!("{path}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ldm_vae_names() {
+        // SD's VAE: 4 levels; LDM numbers the decoder's levels bottom-up.
+        let k = |s| vae_key(s, 4);
+        let plain = |s: &str| Some((s.to_string(), false));
+        assert_eq!(
+            k("encoder.down.1.block.0.nin_shortcut.weight"),
+            plain("encoder.down_blocks.1.resnets.0.conv_shortcut.weight")
+        );
+        assert_eq!(
+            k("encoder.down.2.downsample.conv.bias"),
+            plain("encoder.down_blocks.2.downsamplers.0.conv.bias")
+        );
+        assert_eq!(
+            k("decoder.up.3.block.2.conv1.weight"),
+            plain("decoder.up_blocks.0.resnets.2.conv1.weight")
+        );
+        assert_eq!(
+            k("decoder.up.1.upsample.conv.weight"),
+            plain("decoder.up_blocks.2.upsamplers.0.conv.weight")
+        );
+        assert_eq!(
+            k("decoder.mid.block_2.norm2.bias"),
+            plain("decoder.mid_block.resnets.1.norm2.bias")
+        );
+        assert_eq!(
+            k("encoder.mid.attn_1.proj_out.weight"),
+            Some((
+                "encoder.mid_block.attentions.0.to_out.0.weight".into(),
+                true
+            ))
+        );
+        assert_eq!(
+            k("encoder.mid.attn_1.q.bias"),
+            plain("encoder.mid_block.attentions.0.to_q.bias")
+        );
+        assert_eq!(
+            k("encoder.mid.attn_1.norm.weight"),
+            plain("encoder.mid_block.attentions.0.group_norm.weight")
+        );
+        assert_eq!(
+            k("decoder.norm_out.weight"),
+            plain("decoder.conv_norm_out.weight")
+        );
+        assert_eq!(k("post_quant_conv.bias"), plain("post_quant_conv.bias"));
+        assert_eq!(k("encoder.down.4.block.0.conv1.weight"), None);
+        assert_eq!(k("loss.discriminator.main.0.weight"), None);
+    }
 
     #[test]
     fn sd15_input_block_numbering() {

@@ -3,17 +3,23 @@
 //! Models know nothing of requests: they take tensors on the device they were loaded on and
 //! return tensors there.
 pub mod blocks;
+pub mod clip;
 pub mod config;
 pub mod control;
 pub mod controlnet;
 pub mod images;
 pub mod ldm;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
+pub use clip::{ClipTextConfig, ClipTextModel};
 pub use config::{ControlNetConfig, UNetConfig};
 pub use controlnet::{ControlNetModel, ControlResiduals};
+pub use tokenizer::ClipTokenizer;
 pub use unet::UNet2DConditionModel;
+pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,8 @@
 //! Weight files: memory-mapped safetensors and torch pickles (`.pth`/`.ckpt`/`.bin`), read by
 //! name through a candle `VarBuilder`, optionally through a renaming table when the file uses
-//! another layout than diffusers (the original LDM/ControlNet single files).
+//! another layout than diffusers (the original LDM/ControlNet single files). A table entry may
+//! also say that the stored tensor is a 1×1 convolution kernel of what the model reads as a
+//! linear weight (the LDM VAE's attention projections), which is reshaped at load.
 //!
 //! Every failure names the file and the key, and for a shape mismatch both shapes, because the
 //! people who meet these errors are users pointing the service at a file they downloaded.
@@ -17,12 +19,31 @@ enum Store {
     Pth(candle_core::pickle::PthTensors),
 }
 
+/// Where a model tensor is stored in a file of another layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    pub key: String,
+    /// Stored as a 1×1 convolution kernel (`[out, in, 1, 1]`, or `[out, in, 1]` for a 1-D
+    /// conv) where the model has a linear weight `[out, in]`: read without the trailing 1s
+    /// (a tensor already stored as `[out, in]` is read as it is).
+    pub conv_as_linear: bool,
+}
+
+impl StoredTensor {
+    pub fn renamed(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            conv_as_linear: false,
+        }
+    }
+}
+
 /// One weight file, opened (safetensors are memory-mapped, not read).
 pub struct WeightFile {
     path: PathBuf,
     store: Store,
-    /// diffusers name -> key in the file, and the layout's name, for files in another layout.
-    renames: Option<(HashMap<String, String>, &'static str)>,
+    /// diffusers name -> stored tensor, and the layout's name, for files in another layout.
+    renames: Option<(HashMap<String, StoredTensor>, &'static str)>,
     /// A rewritten copy of a torch pickle that the reader reads instead (see `torch_zip`).
     _copy: Option<torch_zip::TempCopy>,
 }
@@ -110,8 +131,21 @@ impl WeightFile {
 
     /// Reads the file through a table from model (diffusers) names to stored keys; `layout`
     /// names the file's layout in errors.
-    pub fn with_renames(mut self, renames: HashMap<String, String>, layout: &'static str) -> Self {
-        self.renames = Some((renames, layout));
+    pub fn with_renames(self, renames: HashMap<String, String>, layout: &'static str) -> Self {
+        let table = renames
+            .into_iter()
+            .map(|(name, key)| (name, StoredTensor::renamed(key)))
+            .collect();
+        self.with_layout(table, layout)
+    }
+
+    /// Like [`Self::with_renames`], with per-tensor storage details.
+    pub fn with_layout(
+        mut self,
+        table: HashMap<String, StoredTensor>,
+        layout: &'static str,
+    ) -> Self {
+        self.renames = Some((table, layout));
         self
     }
 
@@ -121,8 +155,15 @@ impl WeightFile {
 
     fn stored_key<'a>(&'a self, name: &'a str) -> Option<&'a str> {
         match &self.renames {
-            Some((map, _)) => map.get(name).map(String::as_str),
+            Some((map, _)) => map.get(name).map(|s| s.key.as_str()),
             None => Some(name),
+        }
+    }
+
+    fn conv_as_linear(&self, name: &str) -> bool {
+        match &self.renames {
+            Some((map, _)) => map.get(name).is_some_and(|s| s.conv_as_linear),
+            None => false,
         }
     }
 
@@ -144,18 +185,25 @@ impl WeightFile {
 
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let key = self.stored_key(name).ok_or_else(|| self.missing(name))?;
-        match &self.store {
+        let tensor = match &self.store {
             Store::Safetensors(st) => {
                 if st.get(key).is_err() {
                     return Err(self.missing(name));
                 }
-                st.load(key, device)
+                st.load(key, device)?
             }
             Store::Pth(p) => match p.get(key)? {
-                Some(t) => t.to_device(device),
-                None => Err(self.missing(name)),
+                Some(t) => t.to_device(device)?,
+                None => return Err(self.missing(name)),
             },
+        };
+        if self.conv_as_linear(name) {
+            let dims = tensor.dims();
+            if dims.len() >= 2 && dims[2..].iter().all(|&d| d == 1) {
+                return tensor.reshape((dims[0], dims[1]));
+            }
         }
+        Ok(tensor)
     }
 }
 
@@ -279,18 +327,37 @@ impl SimpleBackend for WeightFile {
     ) -> candle_core::Result<Tensor> {
         // Check the shape from the header before touching the data.
         let key = self.stored_key(name).ok_or_else(|| self.missing(name))?;
+        let conv = self.conv_as_linear(name);
         match self.stored_shape(key) {
             None => return Err(self.missing(name)),
-            Some(actual) if actual != shape.dims() => {
-                return Err(candle_core::Error::Msg(format!(
-                    "{}: tensor {} has shape {:?}, the model config expects {:?}",
-                    self.path.display(),
-                    self.describe(name),
-                    actual,
-                    shape.dims()
-                )))
+            Some(actual) => {
+                // A conv-as-linear tensor may also come already reshaped (as diffusers' own
+                // conversion accepts it): [out, in, 1, 1], [out, in, 1] or [out, in].
+                let fits = actual == shape.dims()
+                    || (conv
+                        && shape.rank() == 2
+                        && actual.len() > 2
+                        && actual[..2] == *shape.dims()
+                        && actual[2..].iter().all(|&d| d == 1));
+                if !fits {
+                    let expected = if conv {
+                        let mut kernel = shape.dims().to_vec();
+                        kernel.extend([1, 1]);
+                        format!(
+                            "{kernel:?} (a 1×1 convolution read as the linear {:?})",
+                            shape.dims()
+                        )
+                    } else {
+                        format!("{:?}", shape.dims())
+                    };
+                    return Err(candle_core::Error::Msg(format!(
+                        "{}: tensor {} has shape {:?}, the model config expects {expected}",
+                        self.path.display(),
+                        self.describe(name),
+                        actual,
+                    )));
+                }
             }
-            Some(_) => {}
         }
         self.load(name, device)?.to_dtype(dtype)
     }
