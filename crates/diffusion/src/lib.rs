@@ -6,6 +6,7 @@ pub mod blocks;
 pub mod config;
 pub mod controlnet;
 pub mod ldm;
+pub mod schedulers;
 pub mod unet;
 pub mod weights;
 
@@ -26,6 +27,9 @@ pub enum Error {
     Config(String),
     #[error("weights: {0}")]
     Weights(String),
+    /// A scheduler used out of its contract (step index out of range or out of order).
+    #[error("scheduler: {0}")]
+    Scheduler(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
