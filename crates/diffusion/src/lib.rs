@@ -10,6 +10,7 @@ pub mod controlnet;
 pub mod images;
 pub mod ldm;
 pub mod tokenizer;
+pub mod schedulers;
 pub mod unet;
 pub mod vae;
 pub mod weights;
@@ -34,6 +35,9 @@ pub enum Error {
     Config(String),
     #[error("weights: {0}")]
     Weights(String),
+    /// A scheduler used out of its contract (step index out of range or out of order).
+    #[error("scheduler: {0}")]
+    Scheduler(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
