@@ -255,6 +255,23 @@ def main() -> None:
                 output_type="np",
             ).images
         image = torch.from_numpy(out[0]).float()  # [H, W, 3] in 0..1
+        # The final latents too: far more sensitive than 8-bit images through a tiny VAE.
+        with torch.no_grad():
+            final_latents = pipe(
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE,
+                image=hints,
+                height=HEIGHT,
+                width=WIDTH,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                controlnet_conditioning_scale=SCALES,
+                control_guidance_start=STARTS,
+                control_guidance_end=ENDS,
+                latents=latents.clone(),
+                output_type="latent",
+            ).images
+        cases[f"{name}.latents"] = final_latents.float().contiguous()
         # The images must depend on the controls, or the test could not fail on them.
         with torch.no_grad():
             plain = pipe(

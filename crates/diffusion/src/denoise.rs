@@ -1,0 +1,253 @@
+//! The denoising loop, one step at a time, for a batch of jobs that share one UNet call.
+//!
+//! A job is one request's images: its latents, its own scheduler (with its own step index and
+//! history), its prompt embeddings, guidance and ControlNets. [`step_batch`] advances every job
+//! it is given by one step: it stacks their UNet inputs (two rows per image with classifier-free
+//! guidance: unconditional first, as diffusers orders them), runs each distinct ControlNet once
+//! on the rows that use it, sums the residuals per row on the device, makes one UNet call, and
+//! hands each job its rows back for guidance and its scheduler's step. The single-request
+//! pipeline is this with a batch of one; the engine's batcher is this with many.
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+
+use crate::control::{self, ControlMode};
+use crate::controlnet::{ControlNetModel, ControlResiduals};
+use crate::schedulers::{NoiseSource, Scheduler};
+use crate::unet::UNet2DConditionModel;
+
+/// One ControlNet as one job uses it.
+#[derive(Clone)]
+pub struct JobControl {
+    pub net: Arc<ControlNetModel>,
+    /// `[1, 3, H, W]` on the device: 0..1, or −1 where masked (the 1.1 inpaint convention).
+    pub hint: Tensor,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+    pub mode: ControlMode,
+}
+
+/// What inpainting with a plain (4-channel) UNet keeps: outside the mask, each step's latents
+/// are replaced by the original image's latents noised to the next step (diffusers'
+/// ControlNet inpaint pipeline).
+pub struct InpaintBlend {
+    /// `[n, 4, h, w]`, already × the VAE's scaling factor.
+    pub image_latents: Tensor,
+    /// `[n, 1, h, w]`: 1 where the image is repainted.
+    pub mask: Tensor,
+    /// The noise the initial latents were made with.
+    pub noise: Tensor,
+}
+
+/// Noise for a job of several images: each image draws from its own source, so image k of a
+/// job is the same whether it is generated alone or with others, and wherever it sits in a batch.
+pub struct PerImageNoise<S> {
+    pub sources: Vec<S>,
+}
+
+impl<S: NoiseSource> NoiseSource for PerImageNoise<S> {
+    fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> crate::Result<Tensor> {
+        let n = self.sources.len();
+        if shape.first() != Some(&n) {
+            return Err(crate::Error::Scheduler(format!(
+                "noise of shape {shape:?} asked of {n} per-image sources"
+            )));
+        }
+        let mut one = shape.to_vec();
+        one[0] = 1;
+        let parts = self
+            .sources
+            .iter_mut()
+            .map(|s| s.randn(&one, dtype, device))
+            .collect::<crate::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+pub struct DenoiseJob {
+    /// `[n, 4, h, w]`.
+    pub latents: Tensor,
+    pub scheduler: Box<dyn Scheduler>,
+    /// The next step index into the scheduler's timesteps.
+    pub step: usize,
+    /// The first step index (img2img starts late); control windows count from here.
+    pub start_step: usize,
+    /// `[2n, T, D]` with guidance (unconditional rows first), `[n, T, D]` without.
+    pub embeddings: Tensor,
+    pub guidance_scale: f64,
+    pub controls: Vec<JobControl>,
+    pub noise: Box<dyn NoiseSource + Send>,
+    pub inpaint: Option<InpaintBlend>,
+}
+
+impl DenoiseJob {
+    /// diffusers' rule: guidance runs when the scale is above 1.
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    pub fn n_images(&self) -> usize {
+        self.latents.dims()[0]
+    }
+
+    pub fn n_steps(&self) -> usize {
+        self.scheduler.num_steps()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.n_steps()
+    }
+
+    /// UNet rows this job takes in a batch.
+    pub fn n_rows(&self) -> usize {
+        self.n_images() * if self.uses_guidance() { 2 } else { 1 }
+    }
+}
+
+/// Rows of one ControlNet's sub-batch.
+struct NetRows {
+    net: Arc<ControlNetModel>,
+    rows: Vec<u32>,
+    hints: Vec<Tensor>,
+    weights: Vec<f32>,
+}
+
+/// Advances every job by one step with one UNet call. All jobs must share the latent size and
+/// the prompt length (a long prompt's embeddings are longer); finished jobs are an error.
+pub fn step_batch(unet: &UNet2DConditionModel, jobs: &mut [&mut DenoiseJob]) -> crate::Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let device = unet.device().clone();
+    let dtype = unet.dtype();
+    let mut inputs = Vec::with_capacity(jobs.len());
+    let mut timesteps: Vec<f32> = Vec::new();
+    let mut embeddings = Vec::with_capacity(jobs.len());
+    let mut nets: Vec<NetRows> = Vec::new();
+    let mut row = 0u32;
+    for job in jobs.iter() {
+        if job.is_done() {
+            return Err(crate::Error::Scheduler("a finished job was stepped".into()));
+        }
+        let n = job.n_images();
+        let scaled = job
+            .scheduler
+            .scale_model_input(&job.latents, job.step)?
+            .to_dtype(dtype)?;
+        let guided = job.uses_guidance();
+        let rows = if guided {
+            Tensor::cat(&[&scaled, &scaled], 0)?
+        } else {
+            scaled
+        };
+        let t = job.scheduler.timesteps()[job.step] as f32;
+        timesteps.extend(std::iter::repeat_n(t, job.n_rows()));
+        inputs.push(rows);
+        embeddings.push(job.embeddings.to_dtype(dtype)?);
+
+        // The window counts steps from where the job started (img2img starts late).
+        let (i, total) = (job.step - job.start_step, job.n_steps() - job.start_step);
+        for c in &job.controls {
+            if !control::is_active(i, total, c.start, c.end) {
+                continue;
+            }
+            let app = control::application(
+                c.mode,
+                c.scale,
+                c.net.n_residuals(),
+                c.net.config.global_pool_conditions,
+            );
+            let entry = match nets.iter_mut().position(|e| Arc::ptr_eq(&e.net, &c.net)) {
+                Some(k) => &mut nets[k],
+                None => {
+                    nets.push(NetRows {
+                        net: c.net.clone(),
+                        rows: Vec::new(),
+                        hints: Vec::new(),
+                        weights: Vec::new(),
+                    });
+                    nets.last_mut().unwrap()
+                }
+            };
+            // Conditional rows follow the unconditional ones when guided.
+            let cond_first = row + if guided { n as u32 } else { 0 };
+            let mut job_rows: Vec<u32> = (cond_first..cond_first + n as u32).collect();
+            if guided && app.on_uncond {
+                job_rows.extend(row..row + n as u32);
+            }
+            for &r in &job_rows {
+                entry.rows.push(r);
+                entry.hints.push(c.hint.clone());
+                entry.weights.extend(app.weights.iter().map(|&w| w as f32));
+            }
+        }
+        row += job.n_rows() as u32;
+    }
+    let batch = row as usize;
+    let sample = Tensor::cat(&inputs, 0)?;
+    let timesteps = Tensor::new(timesteps.as_slice(), &device)?;
+    let embeddings = Tensor::cat(&embeddings, 0)?;
+
+    let mut residuals: Option<ControlResiduals> = None;
+    for entry in &nets {
+        let idx = Tensor::new(entry.rows.as_slice(), &device)?;
+        let n_res = entry.net.n_residuals();
+        let weights = Tensor::from_vec(entry.weights.clone(), (entry.rows.len(), n_res), &device)?;
+        let hints = Tensor::cat(&entry.hints, 0)?;
+        let out = entry.net.forward_weighted(
+            &sample.index_select(&idx, 0)?,
+            &timesteps.index_select(&idx, 0)?,
+            &embeddings.index_select(&idx, 0)?,
+            &hints,
+            &weights,
+        )?;
+        // Scatter into the batch's rows (rows without this net get zeros), on the device.
+        let scatter = |r: &Tensor| -> Result<Tensor> {
+            let mut dims = r.dims().to_vec();
+            dims[0] = batch;
+            Tensor::zeros(dims, r.dtype(), r.device())?.index_add(&idx, r, 0)
+        };
+        let full = ControlResiduals {
+            down: out.down.iter().map(scatter).collect::<Result<_>>()?,
+            mid: scatter(&out.mid)?,
+        };
+        residuals = Some(match residuals {
+            None => full,
+            Some(acc) => acc.add(&full)?,
+        });
+    }
+
+    let noise_pred = unet.forward(&sample, &timesteps, &embeddings, residuals.as_ref())?;
+
+    let mut offset = 0;
+    for job in jobs.iter_mut() {
+        let n = job.n_images();
+        let rows = noise_pred.narrow(0, offset, job.n_rows())?;
+        offset += job.n_rows();
+        let pred = if job.uses_guidance() {
+            let uncond = rows.narrow(0, 0, n)?;
+            let cond = rows.narrow(0, n, n)?;
+            (&uncond + ((cond - &uncond)? * job.guidance_scale)?)?
+        } else {
+            rows
+        };
+        let pred = pred.to_dtype(job.latents.dtype())?;
+        let step = job.step;
+        let mut latents = job
+            .scheduler
+            .step(&pred, step, &job.latents, job.noise.as_mut())?;
+        if let Some(blend) = &job.inpaint {
+            let proper = if step + 1 < job.n_steps() {
+                job.scheduler
+                    .add_noise(&blend.image_latents, &blend.noise, step + 1)?
+            } else {
+                blend.image_latents.clone()
+            };
+            let keep = (1.0 - &blend.mask)?;
+            latents = (proper.broadcast_mul(&keep)? + latents.broadcast_mul(&blend.mask)?)?;
+        }
+        job.latents = latents;
+        job.step += 1;
+    }
+    Ok(())
+}

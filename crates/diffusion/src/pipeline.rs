@@ -1,0 +1,365 @@
+//! The Stable Diffusion + ControlNet pipeline: a loaded model, and requests turned into
+//! [`DenoiseJob`]s, stepped, and decoded to images. Same semantics as diffusers'
+//! `StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline`, with A1111's long prompts.
+use candle_core::{DType, Device, Tensor};
+use image::{GrayImage, RgbImage};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::clip::ClipTextModel;
+use crate::control::ControlMode;
+use crate::controlnet::ControlNetModel;
+use crate::denoise::{self, DenoiseJob, InpaintBlend, JobControl, PerImageNoise};
+use crate::images::{self, ResizeMode};
+use crate::schedulers::{self, NoiseSource, SchedulerConfig, SchedulerKind, SchedulerOptions};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+use crate::weights::WeightFile;
+use crate::{Error, Result};
+
+/// A base model, resident: its UNet, VAE, text encoder, tokenizer and scheduler config.
+pub struct StableDiffusion {
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler_config: SchedulerConfig,
+}
+
+/// An image-to-image start: the image, how much of it to repaint (`strength`), and for
+/// inpainting the mask (white = repaint).
+#[derive(Clone)]
+pub struct InitImage {
+    pub image: RgbImage,
+    pub strength: f64,
+    pub mask: Option<GrayImage>,
+    pub resize: ResizeMode,
+}
+
+/// One ControlNet of a request, with its hint image as given (scaled to 0..1 and fitted here).
+#[derive(Clone)]
+pub struct ControlSpec {
+    pub net: Arc<ControlNetModel>,
+    pub image: RgbImage,
+    pub resize: ResizeMode,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+    pub mode: ControlMode,
+    /// ControlNet 1.1 inpaint convention: hint pixels under the request's mask become −1.
+    pub mask_hint: bool,
+}
+
+/// What to generate.
+#[derive(Clone)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub scheduler: SchedulerKind,
+    pub eta: f64,
+    /// Image k uses seed `seed + k` (as A1111 numbers a batch), so it is the same image
+    /// whether made alone or with others.
+    pub seed: u64,
+    pub num_images: usize,
+    /// diffusers' `clip_skip` (A1111's "clip skip" minus one).
+    pub clip_skip: usize,
+    pub controls: Vec<ControlSpec>,
+    pub init: Option<InitImage>,
+    /// Caller-supplied initial noise `[n, 4, h/f, w/f]` (for comparison with other
+    /// implementations), used instead of the seeds' for the initial latents.
+    pub latents: Option<Tensor>,
+}
+
+impl Request {
+    pub fn txt2img(prompt: &str, width: usize, height: usize) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width,
+            height,
+            steps: 20,
+            guidance_scale: 7.5,
+            scheduler: SchedulerKind::UniPc,
+            eta: 0.0,
+            seed: 0,
+            num_images: 1,
+            clip_skip: 0,
+            controls: Vec::new(),
+            init: None,
+            latents: None,
+        }
+    }
+}
+
+/// The result of a request: one image per seed.
+pub struct Generated {
+    pub images: Vec<RgbImage>,
+    pub seeds: Vec<u64>,
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers folder (`model_index.json` with `unet/`, `vae/`, `text_encoder/`,
+    /// `tokenizer/`, `scheduler/`) or an original single-file SD 1.x checkpoint
+    /// (`v1-5-pruned-emaonly.safetensors` style), whose tokenizer and scheduler are SD 1.5's.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            if !path.join("model_index.json").is_file() {
+                return Err(Error::Weights(format!(
+                    "{}: not a diffusers pipeline folder (no model_index.json)",
+                    path.display()
+                )));
+            }
+            return Ok(Self {
+                unet: UNet2DConditionModel::from_diffusers_dir(&path.join("unet"), dtype, device)?,
+                vae: AutoencoderKL::from_diffusers_dir(&path.join("vae"), dtype, device)?,
+                text_encoder: ClipTextModel::from_diffusers_dir(
+                    &path.join("text_encoder"),
+                    dtype,
+                    device,
+                )?,
+                tokenizer: ClipTokenizer::from_dir(&path.join("tokenizer"))?,
+                scheduler_config: SchedulerConfig::from_file(
+                    &path.join("scheduler/scheduler_config.json"),
+                )?,
+            });
+        }
+        let unet =
+            UNet2DConditionModel::from_single_file(WeightFile::open(path)?, None, dtype, device)?;
+        Ok(Self {
+            unet,
+            vae: AutoencoderKL::from_single_file(path, None, dtype, device)?,
+            text_encoder: ClipTextModel::from_single_file(path, None, dtype, device)?,
+            tokenizer: ClipTokenizer::embedded(crate::tokenizer::Family::Sd1)?,
+            scheduler_config: SchedulerConfig::sd15(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.unet.device()
+    }
+
+    /// Pixels per latent pixel (8 for SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae.config.downsampling_steps()
+    }
+
+    /// `[2n, T, D]` (negative rows first) with guidance, else `[n, T, D]`. Long prompts are
+    /// encoded in 75-token chunks and concatenated (A1111), the negative padded to match.
+    pub fn encode_prompt(&self, req: &Request, guided: bool) -> Result<Tensor> {
+        let n = req.num_images;
+        let (positive, negative) = self
+            .tokenizer
+            .encode_pair(&req.prompt, &req.negative_prompt)?;
+        let cond = self.text_encoder.encode_chunks(&positive, req.clip_skip)?;
+        let cond = cond.repeat((n, 1, 1))?;
+        if !guided {
+            return Ok(cond);
+        }
+        let uncond = self
+            .text_encoder
+            .encode_chunks(&negative, req.clip_skip)?
+            .repeat((n, 1, 1))?;
+        Ok(Tensor::cat(&[uncond, cond], 0)?)
+    }
+
+    fn check(&self, req: &Request) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        if req.width == 0 || req.height == 0 || req.width % f != 0 || req.height % f != 0 {
+            return Err(Error::Config(format!(
+                "width and height must be positive multiples of {f}, got {}×{}",
+                req.width, req.height
+            )));
+        }
+        if req.num_images == 0 || req.steps == 0 {
+            return Err(Error::Config(
+                "steps and num_images must be at least 1".into(),
+            ));
+        }
+        if !req.guidance_scale.is_finite() {
+            return Err(Error::Config("guidance_scale must be a number".into()));
+        }
+        Ok((req.height / f, req.width / f))
+    }
+
+    /// A request as a job ready for [`denoise::step_batch`].
+    pub fn new_job(&self, req: &Request) -> Result<DenoiseJob> {
+        let (h, w) = self.check(req)?;
+        let device = self.device().clone();
+        let n = req.num_images;
+        let latent_shape = [n, self.unet.config.encoder.in_channels, h, w];
+        let scheduler = schedulers::build(
+            req.scheduler,
+            &self.scheduler_config,
+            req.steps,
+            &SchedulerOptions { eta: req.eta },
+        )?;
+        let mut noise = PerImageNoise {
+            sources: (0..n as u64)
+                .map(|k| schedulers::SeededNoise::new(req.seed.wrapping_add(k)))
+                .collect(),
+        };
+        let guided = req.guidance_scale > 1.0;
+        let embeddings = self.encode_prompt(req, guided)?;
+
+        let initial_noise = match &req.latents {
+            Some(given) => {
+                if given.dims() != latent_shape {
+                    return Err(Error::Config(format!(
+                        "given latents are {:?}, this request needs {latent_shape:?}",
+                        given.dims()
+                    )));
+                }
+                given.to_device(&device)?.to_dtype(DType::F32)?
+            }
+            None => noise.randn(&latent_shape, DType::F32, &device)?,
+        };
+        let (latents, start_step, inpaint, mask) = match &req.init {
+            None => {
+                let latents = (initial_noise * scheduler.init_noise_sigma())?;
+                (latents, 0, None, None)
+            }
+            Some(init) => {
+                let start = schedulers::img2img_start_step(req.steps, init.strength);
+                if start >= req.steps {
+                    return Err(Error::Config(format!(
+                        "strength {} leaves no step to run out of {}",
+                        init.strength, req.steps
+                    )));
+                }
+                let image = images::fit(
+                    &init.image,
+                    req.width as u32,
+                    req.height as u32,
+                    init.resize,
+                );
+                let pixels = ((images::to_unit_tensor(&image, &device)? * 2.0)? - 1.0)?
+                    .to_dtype(self.vae.dtype())?;
+                let moments_noise = noise.randn(&latent_shape, DType::F32, &device)?;
+                let image_latents = self
+                    .vae
+                    .encode_latents(
+                        &pixels.repeat((n, 1, 1, 1))?,
+                        Some(&moments_noise.to_dtype(self.vae.dtype())?),
+                    )?
+                    .to_dtype(DType::F32)?;
+                let latents = scheduler.add_noise(&image_latents, &initial_noise, start)?;
+                match &init.mask {
+                    None => (latents, start, None, None),
+                    Some(mask) => {
+                        let mask_img = image::imageops::resize(
+                            mask,
+                            req.width as u32,
+                            req.height as u32,
+                            image::imageops::FilterType::Lanczos3,
+                        );
+                        let latent_mask =
+                            mask_to_latent(&mask_img, h, w, &device)?.repeat((n, 1, 1, 1))?;
+                        let blend = InpaintBlend {
+                            image_latents,
+                            mask: latent_mask,
+                            noise: initial_noise.clone(),
+                        };
+                        (latents, start, Some(blend), Some(mask_img))
+                    }
+                }
+            }
+        };
+
+        let controls = req
+            .controls
+            .iter()
+            .map(|c| {
+                let f = c.net.hint_downscale();
+                if f != self.vae_scale_factor() {
+                    return Err(Error::Config(format!(
+                        "the ControlNet's hint encoder scales by {f}, the VAE by {}",
+                        self.vae_scale_factor()
+                    )));
+                }
+                let image = images::fit(&c.image, req.width as u32, req.height as u32, c.resize);
+                let mut hint = images::to_unit_tensor(&image, &device)?;
+                if c.mask_hint {
+                    if let Some(mask) = &mask {
+                        // Masked pixels become −1: where = 1 − m, hint·(1 − m) − m.
+                        let m = images::to_unit_tensor(
+                            &image::DynamicImage::ImageLuma8(mask.clone()).to_rgb8(),
+                            &device,
+                        )?
+                        .ge(0.5)?
+                        .to_dtype(DType::F32)?;
+                        hint = ((hint * (1.0 - &m)?)? - m)?;
+                    }
+                }
+                Ok(JobControl {
+                    net: c.net.clone(),
+                    hint: hint.to_dtype(c.net.dtype())?,
+                    scale: c.scale,
+                    start: c.start,
+                    end: c.end,
+                    mode: c.mode,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        Ok(DenoiseJob {
+            latents,
+            scheduler,
+            step: start_step,
+            start_step,
+            embeddings,
+            guidance_scale: req.guidance_scale,
+            controls,
+            noise: Box::new(noise),
+            inpaint,
+        })
+    }
+
+    /// Final latents → images (through the VAE, in its dtype).
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
+        let pixels = self
+            .vae
+            .decode_latents(&latents.to_dtype(self.vae.dtype())?)?;
+        Ok(images::from_signed_tensor(&pixels)?)
+    }
+
+    /// Runs a request alone, calling `progress(step, total)` after every step.
+    pub fn generate(
+        &self,
+        req: &Request,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let mut job = self.new_job(req)?;
+        let total = job.n_steps() - job.start_step;
+        while !job.is_done() {
+            denoise::step_batch(&self.unet, &mut [&mut job])?;
+            progress(job.step - job.start_step, total);
+        }
+        Ok(Generated {
+            images: self.decode(&job.latents)?,
+            seeds: (0..req.num_images as u64)
+                .map(|k| req.seed.wrapping_add(k))
+                .collect(),
+        })
+    }
+}
+
+/// The mask at latent size: nearest-neighbour down to `h`×`w` (diffusers interpolates the
+/// mask with `interpolate(size=...)`, nearest), binarised at 0.5, `[1, 1, h, w]`.
+fn mask_to_latent(mask: &GrayImage, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+    let small = image::imageops::resize(
+        mask,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Nearest,
+    );
+    let values: Vec<f32> = small
+        .pixels()
+        .map(|p| if p[0] >= 128 { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(values, (1, 1, h, w), device)?)
+}
