@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod controlnet;
 pub mod denoise;
+pub mod embedded;
 pub mod images;
 pub mod ldm;
 pub mod pipeline;
