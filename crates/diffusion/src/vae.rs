@@ -237,11 +237,12 @@ impl SpatialAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let dtype = q.dtype();
-        // Scores and softmax in f32 (diffusers upcasts the VAE's softmax too).
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.scale)?;
-        let probs = nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
-        let out = self.to_out.forward(&probs.matmul(&v)?)?;
+        // One head: [B, 1, N, C]. Softmax in f32 (diffusers upcasts the VAE's softmax too).
+        let heads = |t: &Tensor| t.unsqueeze(1);
+        let out =
+            crate::blocks::attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, self.scale, false)?
+                .squeeze(1)?;
+        let out = self.to_out.forward(&out)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
     }

@@ -242,6 +242,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    diffusion::runtime::keep_freed_memory();
     match Cli::parse().command {
         Command::Generate(args) => generate(&args),
     }

@@ -18,6 +18,7 @@ fn arg(name: &str, default: usize) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    diffusion::runtime::keep_freed_memory();
     let warmup = arg("--warmup", 1);
     let iters = arg("--iters", 5).max(1);
     let device = Device::Cpu;
