@@ -239,8 +239,9 @@ def main() -> None:
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            out = pipe(
+
+        def run(**overrides):
+            args = dict(
                 prompt=PROMPT,
                 negative_prompt=NEGATIVE,
                 image=hints,
@@ -253,39 +254,21 @@ def main() -> None:
                 control_guidance_end=ENDS,
                 latents=latents.clone(),
                 output_type="np",
-            ).images
+            )
+            args.update(overrides)
+            with torch.no_grad():
+                return pipe(**args).images
+
+        out = run()
         image = torch.from_numpy(out[0]).float()  # [H, W, 3] in 0..1
         # The final latents too: far more sensitive than 8-bit images through a tiny VAE.
-        with torch.no_grad():
-            final_latents = pipe(
-                prompt=PROMPT,
-                negative_prompt=NEGATIVE,
-                image=hints,
-                height=HEIGHT,
-                width=WIDTH,
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                controlnet_conditioning_scale=SCALES,
-                control_guidance_start=STARTS,
-                control_guidance_end=ENDS,
-                latents=latents.clone(),
-                output_type="latent",
-            ).images
-        cases[f"{name}.latents"] = final_latents.float().contiguous()
+        cases[f"{name}.latents"] = run(output_type="latent").float().contiguous()
         # The images must depend on the controls, or the test could not fail on them.
-        with torch.no_grad():
-            plain = pipe(
-                prompt=PROMPT,
-                negative_prompt=NEGATIVE,
-                image=hints,
-                height=HEIGHT,
-                width=WIDTH,
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                controlnet_conditioning_scale=[0.0, 0.0],
-                latents=latents.clone(),
-                output_type="np",
-            ).images
+        plain = run(
+            controlnet_conditioning_scale=[0.0, 0.0],
+            control_guidance_start=0.0,
+            control_guidance_end=1.0,
+        )
         diff = float(np.abs(plain[0] - out[0]).max())
         print(f"{name}: max |controlled - uncontrolled| = {diff:.3f}")
         assert diff > 0.05, "the controls barely change the image"
