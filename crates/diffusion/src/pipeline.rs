@@ -6,7 +6,8 @@ use image::{GrayImage, RgbImage};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::clip::ClipTextModel;
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::config::UNetConfig;
 use crate::control::ControlMode;
 use crate::controlnet::ControlNetModel;
 use crate::denoise::{self, DenoiseJob, InpaintBlend, JobControl, PerImageNoise};
@@ -14,7 +15,7 @@ use crate::images::{self, ResizeMode};
 use crate::schedulers::{self, NoiseSource, SchedulerConfig, SchedulerKind, SchedulerOptions};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKL;
+use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::weights::WeightFile;
 use crate::{Error, Result};
 
@@ -25,6 +26,17 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub tokenizer: ClipTokenizer,
     pub scheduler_config: SchedulerConfig,
+}
+
+/// The configs of an original single-file checkpoint's models. A file carries none; each
+/// `None` is read off the tensor shapes, with SD's conventions for what shapes cannot show
+/// (32 norm groups, SD 1.x's 8 UNet heads, CLIP's 64-wide heads): right for real SD 1.x
+/// checkpoints, wrong for models built otherwise, which need their configs given.
+#[derive(Debug, Clone, Default)]
+pub struct SingleFileConfigs {
+    pub unet: Option<UNetConfig>,
+    pub vae: Option<VaeConfig>,
+    pub text_encoder: Option<ClipTextConfig>,
 }
 
 /// An image-to-image start: the image, how much of it to repaint (`strength`), and for
@@ -128,13 +140,39 @@ impl StableDiffusion {
                 )?,
             });
         }
-        let unet =
-            UNet2DConditionModel::from_single_file(WeightFile::open(path)?, None, dtype, device)?;
+        Self::load_single_file(path, SingleFileConfigs::default(), None, dtype, device)
+    }
+
+    /// Loads an original single-file SD 1.x checkpoint with the given model configs (see
+    /// [`SingleFileConfigs`]) and tokenizer (default: the embedded SD 1.x one). The scheduler
+    /// config is SD 1.5's, which every SD 1.x model was trained with.
+    pub fn load_single_file(
+        path: &Path,
+        configs: SingleFileConfigs,
+        tokenizer: Option<ClipTokenizer>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        // The text encoder first: it refuses SD 2.x files (OpenCLIP) by name, before gigabytes
+        // of UNet are read.
+        let text_encoder =
+            ClipTextModel::from_single_file(path, configs.text_encoder, dtype, device)?;
+        let vae = AutoencoderKL::from_single_file(path, configs.vae, dtype, device)?;
+        let unet = UNet2DConditionModel::from_single_file(
+            WeightFile::open(path)?,
+            configs.unet,
+            dtype,
+            device,
+        )?;
+        let tokenizer = match tokenizer {
+            Some(t) => t,
+            None => ClipTokenizer::embedded(crate::tokenizer::Family::Sd1)?,
+        };
         Ok(Self {
             unet,
-            vae: AutoencoderKL::from_single_file(path, None, dtype, device)?,
-            text_encoder: ClipTextModel::from_single_file(path, None, dtype, device)?,
-            tokenizer: ClipTokenizer::embedded(crate::tokenizer::Family::Sd1)?,
+            vae,
+            text_encoder,
+            tokenizer,
             scheduler_config: SchedulerConfig::sd15(),
         })
     }
