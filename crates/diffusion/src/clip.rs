@@ -82,11 +82,7 @@ impl Activation {
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> crate::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        crate::config::read_json(path)
     }
 
     /// SD 1.x's text encoder (`openai/clip-vit-large-patch14`'s text config).

@@ -101,11 +101,7 @@ fn unsupported(what: impl std::fmt::Display) -> Error {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> crate::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        crate::config::read_json(path)
     }
 
     /// SD 1.x / 2.x's VAE (`vae/config.json` of their repositories).

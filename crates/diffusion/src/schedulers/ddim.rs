@@ -2,13 +2,14 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{unsupported, Field, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::{check_step, div, f32_of, mul, schedule, NoiseSource, Scheduler, SchedulerKind};
+use super::{div, f32_of, mul, schedule, NoiseSource, SchedulerKind, Solver, Steps};
 use crate::Result;
 
 const NAME: &str = "ddim";
 
 pub(crate) struct Ddim {
-    timesteps: Vec<f64>,
+    /// No σs.
+    steps: Steps,
     alphas_cumprod: Vec<f32>,
     /// ᾱ "before" the first training timestep, used by the last step.
     final_alpha_cumprod: f32,
@@ -56,7 +57,13 @@ impl Ddim {
             .unwrap_or(true)
             .then(|| config.clip_sample_range.unwrap_or(1.0) as f32);
         Ok(Self {
-            timesteps,
+            steps: Steps {
+                kind: SchedulerKind::Ddim,
+                timesteps,
+                sigmas: Vec::new(),
+                init_noise_sigma: 1.0,
+                scale_input: false,
+            },
             final_alpha_cumprod,
             step_ratio: num_train / n,
             prediction_type: common.prediction_type,
@@ -67,37 +74,19 @@ impl Ddim {
     }
 }
 
-impl Scheduler for Ddim {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Ddim
+impl Solver for Ddim {
+    fn steps(&self) -> &Steps {
+        &self.steps
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        None
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
-        check_step(self.kind(), step, self.timesteps.len())?;
-        Ok(sample.clone())
-    }
-
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        m: &Tensor,
         step: usize,
-        sample: &Tensor,
+        x: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        check_step(self.kind(), step, self.timesteps.len())?;
-        let t = self.timesteps[step] as usize;
+        let t = self.steps.timesteps[step] as usize;
         // Not the next timestep of a "linspace" or "trailing" schedule: diffusers' choice, kept.
         let prev_t = t as i64 - self.step_ratio as i64;
         let alpha_t = self.alphas_cumprod[t];
@@ -107,17 +96,15 @@ impl Scheduler for Ddim {
             self.final_alpha_cumprod
         };
         let beta_t = 1.0 - alpha_t;
-        let x = f32_of(sample)?;
-        let m = f32_of(model_output)?;
 
         let (pred_x0, pred_eps) = match self.prediction_type {
             PredictionType::Epsilon => {
-                let x0 = div(&(&x - mul(&m, beta_t.sqrt())?)?, alpha_t.sqrt())?;
-                (x0, m)
+                let x0 = div(&(x - mul(m, beta_t.sqrt())?)?, alpha_t.sqrt())?;
+                (x0, m.clone())
             }
             PredictionType::VPrediction => {
-                let x0 = (mul(&x, alpha_t.sqrt())? - mul(&m, beta_t.sqrt())?)?;
-                let eps = (mul(&m, alpha_t.sqrt())? + mul(&x, beta_t.sqrt())?)?;
+                let x0 = (mul(x, alpha_t.sqrt())? - mul(m, beta_t.sqrt())?)?;
+                let eps = (mul(m, alpha_t.sqrt())? + mul(x, beta_t.sqrt())?)?;
                 (x0, eps)
             }
         };
@@ -135,14 +122,11 @@ impl Scheduler for Ddim {
             let z = noise.randn(x.dims(), DType::F32, x.device())?;
             prev = (prev + mul(&f32_of(&z)?, std_dev)?)?;
         }
-        Ok(prev.to_dtype(sample.dtype())?)
+        Ok(prev)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        check_step(self.kind(), step, self.timesteps.len())?;
-        let alpha = self.alphas_cumprod[self.timesteps[step] as usize];
-        let noisy =
-            (mul(&f32_of(original)?, alpha.sqrt())? + mul(&f32_of(noise)?, (1.0 - alpha).sqrt())?)?;
-        Ok(noisy.to_dtype(original.dtype())?)
+    fn add_noise_f32(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        let alpha = self.alphas_cumprod[self.steps.timesteps[step] as usize];
+        Ok((mul(original, alpha.sqrt())? + mul(noise, (1.0 - alpha).sqrt())?)?)
     }
 }

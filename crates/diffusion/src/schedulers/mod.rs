@@ -190,10 +190,9 @@ pub fn build(
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps, options.eta)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(
-            config,
-            num_inference_steps,
-        )?),
+        SchedulerKind::EulerAncestral => {
+            Box::new(euler::Euler::ancestral(config, num_inference_steps)?)
+        }
         SchedulerKind::DpmPP2M => Box::new(dpm_solver::DpmSolver::new(
             config,
             num_inference_steps,
@@ -217,13 +216,133 @@ pub fn img2img_start_step(num_inference_steps: usize, strength: f64) -> usize {
     num_inference_steps - init
 }
 
-fn check_step(kind: SchedulerKind, step: usize, n: usize) -> Result<()> {
-    if step >= n {
-        return Err(Error::Scheduler(format!(
-            "{kind}: step index {step} is out of range ({n} steps)"
+/// What every scheduler steps through: its kind (for error messages), its timesteps and σs, and
+/// how the UNet input and the initial latents are scaled.
+pub(crate) struct Steps {
+    pub kind: SchedulerKind,
+    pub timesteps: Vec<f64>,
+    /// One per step plus the final 0; empty for DDIM, which has none.
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f64,
+    /// The UNet input is `sample / √(σ² + 1)` (the Euler family), not the sample itself.
+    pub scale_input: bool,
+}
+
+impl Steps {
+    fn check(&self, step: usize) -> Result<()> {
+        let n = self.timesteps.len();
+        if step >= n {
+            return Err(Error::Scheduler(format!(
+                "{}: step index {step} is out of range ({n} steps)",
+                self.kind
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One scheduler's own arithmetic, on f32 tensors at step indices already checked. Every
+/// `Solver` is a [`Scheduler`]: that checks the step index and computes in f32 around it.
+pub(crate) trait Solver: Send {
+    fn steps(&self) -> &Steps;
+
+    /// [`Scheduler::step`] for the f32 model output `m` and sample `x`.
+    fn step_f32(
+        &mut self,
+        m: &Tensor,
+        step: usize,
+        x: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
+
+    /// [`Scheduler::add_noise`] for f32 tensors.
+    fn add_noise_f32(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor>;
+}
+
+impl<S: Solver> Scheduler for S {
+    fn kind(&self) -> SchedulerKind {
+        self.steps().kind
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.steps().timesteps
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        let sigmas = &self.steps().sigmas;
+        (!sigmas.is_empty()).then_some(sigmas.as_slice())
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.steps().init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
+        let steps = self.steps();
+        steps.check(step)?;
+        if !steps.scale_input {
+            return Ok(sample.clone());
+        }
+        let sigma = steps.sigmas[step];
+        let scaled = div(&f32_of(sample)?, (sigma * sigma + 1.0).sqrt())?;
+        Ok(scaled.to_dtype(sample.dtype())?)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        self.steps().check(step)?;
+        let prev = self.step_f32(&f32_of(model_output)?, step, &f32_of(sample)?, noise)?;
+        Ok(prev.to_dtype(sample.dtype())?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        self.steps().check(step)?;
+        let noisy = self.add_noise_f32(&f32_of(original)?, &f32_of(noise)?, step)?;
+        Ok(noisy.to_dtype(original.dtype())?)
+    }
+}
+
+/// At most `num_train` inference steps (DDIM words its own error).
+fn check_steps(name: &str, n: usize, num_train: usize) -> Result<()> {
+    if n > num_train {
+        return Err(Error::Config(format!(
+            "{name}: {n} steps (num_train_timesteps is {num_train})"
         )));
     }
     Ok(())
+}
+
+/// Multistep solvers keep the previous outputs: a step out of sequence would silently use
+/// the wrong ones.
+fn check_consecutive(kind: SchedulerKind, expected: Option<usize>, step: usize) -> Result<()> {
+    match expected {
+        Some(e) if e != step => Err(Error::Scheduler(format!(
+            "{kind}: step {step} after step {} (multistep schedulers step in order)",
+            e - 1
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The data prediction x0 of the multistep solvers (diffusers' `convert_model_output`) from the
+/// model output `m` for the sample `x` at noise level σ, in the variance-preserving form.
+fn vp_x0(prediction_type: PredictionType, m: &Tensor, x: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = schedule::alpha_sigma_t(sigma);
+    Ok(match prediction_type {
+        PredictionType::Epsilon => div(&(x - mul(m, sigma_t)?)?, alpha_t)?,
+        PredictionType::VPrediction => (mul(x, alpha_t)? - mul(m, sigma_t)?)?,
+    })
+}
+
+/// `α_t · original + σ_t · noise` at noise level σ (the multistep solvers' `add_noise`).
+fn vp_add_noise(original: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = schedule::alpha_sigma_t(sigma);
+    Ok((mul(original, alpha_t)? + mul(noise, sigma_t)?)?)
 }
 
 /// `t * c` (f32 `c`, exact: candle's affine casts the factor back to the tensor's f32).

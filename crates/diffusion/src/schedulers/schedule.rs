@@ -1,7 +1,8 @@
 //! The numbers every scheduler starts from: the training noise schedule (β, ᾱ, σ tables) and
 //! the inference timesteps, reproducing the torch and numpy arithmetic diffusers uses, rounding
 //! included (numpy rounds half to even; torch's float32 `linspace` is fused multiply-adds).
-use super::config::TimestepSpacing;
+use super::config::{unsupported, Common, SchedulerConfig, TimestepSpacing};
+use crate::Result;
 
 /// `torch.linspace(start, end, n, dtype=torch.float32)` on the CPU. torch evaluates
 /// `start + step * i` for the first half and `end - step * (n - 1 - i)` for the second, in
@@ -201,6 +202,73 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64
         .into_iter()
         .map(|r| (max_inv_rho + r * (min_inv_rho - max_inv_rho)).powf(rho))
         .collect()
+}
+
+/// Karras σs from `sigma_max` down to `sigma_min` for `n` steps, and their timesteps: each σ's
+/// fractional training timestep in the σ `table`, made a timestep by `to_timestep`. Returns
+/// (timesteps, σs).
+pub(crate) fn karras_schedule(
+    sigma_min: f64,
+    sigma_max: f64,
+    n: usize,
+    table: &[f32],
+    to_timestep: impl Fn(f64) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let sigmas = karras_sigmas(sigma_min, sigma_max, n);
+    let log_sigmas = log_table(table);
+    let timesteps = sigmas
+        .iter()
+        .map(|&s| to_timestep(sigma_to_t(s, &log_sigmas)))
+        .collect();
+    (timesteps, sigmas)
+}
+
+/// The σs (float32) of a schedule with the final σ of 0 appended.
+pub(crate) fn with_final_zero(sigmas: Vec<f64>) -> Vec<f32> {
+    let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
+    sigmas.push(0.0);
+    sigmas
+}
+
+/// The schedule of DPM-Solver and UniPC for `n` steps: (timesteps, σs with the final 0).
+/// Without `karras`, [`multistep_timesteps`] up to `last_timestep` and the σ table interpolated
+/// there; with it, Karras σs between `sigma_min` and `sigma_max` (by default the table's ends)
+/// and their timesteps, rounded by `karras`.
+pub(crate) fn multistep_schedule(
+    name: &str,
+    config: &SchedulerConfig,
+    common: &Common,
+    last_timestep: usize,
+    n: usize,
+    karras: Option<fn(f64) -> f64>,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    let num_train = common.num_train_timesteps;
+    let table = sigma_table(&common.alphas_cumprod);
+    let timesteps = multistep_timesteps(
+        common.spacing,
+        num_train,
+        last_timestep,
+        n,
+        common.steps_offset,
+    );
+    let (timesteps, sigmas) = match karras {
+        Some(to_timestep) => {
+            let sigma_min = config.sigma_min.unwrap_or(table[0] as f64);
+            let sigma_max = config.sigma_max.unwrap_or(table[num_train - 1] as f64);
+            karras_schedule(sigma_min, sigma_max, n, &table, to_timestep)
+        }
+        None => {
+            let sigmas = timesteps.iter().map(|&t| interp(t, &table)).collect();
+            (timesteps, sigmas)
+        }
+    };
+    if let Some(&t) = timesteps.iter().find(|&&t| t >= num_train as f64) {
+        return Err(unsupported(
+            name,
+            format!("steps_offset pushes timestep {t} past the training range"),
+        ));
+    }
+    Ok((timesteps, with_final_zero(sigmas)))
 }
 
 /// `np.log` of the σ table (float32). numpy's float32 log is a SIMD approximation whose last

@@ -5,18 +5,17 @@
 use candle_core::Tensor;
 
 use super::config::{unsupported, Field, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::dpm_solver::check_consecutive;
-use super::euler::check_steps;
 use super::schedule::{self, alpha_sigma_t, lambda};
-use super::{check_step, div, f32_of, mul, NoiseSource, Scheduler, SchedulerKind};
+use super::{
+    check_consecutive, check_steps, div, mul, vp_add_noise, vp_x0, NoiseSource, SchedulerKind,
+    Solver, Steps,
+};
 use crate::Result;
 
 const NAME: &str = "unipc";
 
 pub(crate) struct UniPc {
-    timesteps: Vec<f64>,
-    /// One per step plus the final 0.
-    sigmas: Vec<f32>,
+    steps: Steps,
     prediction_type: PredictionType,
     solver_order: usize,
     lower_order_final: bool,
@@ -64,41 +63,20 @@ impl UniPc {
             Some(other) => return Err(unsupported(NAME, format!("solver_type = {other:?}"))),
         }
 
-        let table = schedule::sigma_table(&common.alphas_cumprod);
-        let mut timesteps = schedule::multistep_timesteps(
-            common.spacing,
-            num_train,
-            num_train,
-            n,
-            common.steps_offset,
-        );
-        let sigmas: Vec<f64> = if config.use_karras_sigmas.unwrap_or(false) {
-            let log_sigmas = schedule::log_table(&table);
-            let sigma_min = config.sigma_min.unwrap_or(table[0] as f64);
-            let sigma_max = config.sigma_max.unwrap_or(table[num_train - 1] as f64);
-            let sigmas = schedule::karras_sigmas(sigma_min, sigma_max, n);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| schedule::sigma_to_t(s, &log_sigmas).round_ties_even())
-                .collect();
-            sigmas
-        } else {
-            timesteps
-                .iter()
-                .map(|&t| schedule::interp(t, &table))
-                .collect()
-        };
-        if let Some(&t) = timesteps.iter().find(|&&t| t >= num_train as f64) {
-            return Err(unsupported(
-                NAME,
-                format!("steps_offset pushes timestep {t} past the training range"),
-            ));
-        }
-        let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
-        sigmas.push(0.0);
+        let karras = config
+            .use_karras_sigmas
+            .unwrap_or(false)
+            .then_some(f64::round_ties_even as fn(f64) -> f64);
+        let (timesteps, sigmas) =
+            schedule::multistep_schedule(NAME, config, &common, num_train, n, karras)?;
         Ok(Self {
-            timesteps,
-            sigmas,
+            steps: Steps {
+                kind: SchedulerKind::UniPc,
+                timesteps,
+                sigmas,
+                init_noise_sigma: 1.0,
+                scale_input: false,
+            },
             prediction_type: common.prediction_type,
             solver_order,
             lower_order_final: config.lower_order_final.unwrap_or(true),
@@ -108,14 +86,6 @@ impl UniPc {
             this_order: 0,
             lower_order_nums: 0,
             next_step: None,
-        })
-    }
-
-    fn convert(&self, m: &Tensor, x: &Tensor, step: usize) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma_t(self.sigmas[step]);
-        Ok(match self.prediction_type {
-            PredictionType::Epsilon => div(&(x - mul(m, sigma_t)?)?, alpha_t)?,
-            PredictionType::VPrediction => (mul(x, alpha_t)? - mul(m, sigma_t)?)?,
         })
     }
 
@@ -146,8 +116,8 @@ impl UniPc {
         let m0 = self.model_outputs[1]
             .as_ref()
             .expect("a previous output with a last sample");
-        let lambda_s0 = lambda(self.sigmas[step - 1]);
-        let c = Self::coefficients(self.sigmas[step], self.sigmas[step - 1]);
+        let lambda_s0 = lambda(self.steps.sigmas[step - 1]);
+        let c = Self::coefficients(self.steps.sigmas[step], self.steps.sigmas[step - 1]);
         let x_t_ = (mul(last_sample, c.ratio)? - mul(m0, c.alpha_t * c.h_phi_1)?)?;
         let d1_t = (model_t - m0)?;
         let correction = if order == 1 {
@@ -156,7 +126,7 @@ impl UniPc {
             let m1 = self.model_outputs[0]
                 .as_ref()
                 .expect("two previous outputs");
-            let rk = (lambda(self.sigmas[step - 2]) - lambda_s0) / c.h;
+            let rk = (lambda(self.steps.sigmas[step - 2]) - lambda_s0) / c.h;
             let d1 = div(&(m1 - m0)?, rk)?;
             // ρ solves R ρ = b with R = [[1, 1], [r_k, 1]] (powers of (r_k, 1)) and b from the
             // φ functions of −h (the paper's eq. 8 for B(h)).
@@ -173,13 +143,13 @@ impl UniPc {
     /// UniP of order `order` from `x` at step `step` to step `step + 1`.
     fn predict(&self, x: &Tensor, order: usize, step: usize) -> Result<Tensor> {
         let m0 = self.model_outputs[1].as_ref().expect("the current output");
-        let c = Self::coefficients(self.sigmas[step + 1], self.sigmas[step]);
+        let c = Self::coefficients(self.steps.sigmas[step + 1], self.steps.sigmas[step]);
         let x_t_ = (mul(x, c.ratio)? - mul(m0, c.alpha_t * c.h_phi_1)?)?;
         if order == 1 {
             return Ok(x_t_);
         }
         let m1 = self.model_outputs[0].as_ref().expect("a previous output");
-        let rk = (lambda(self.sigmas[step - 1]) - lambda(self.sigmas[step])) / c.h;
+        let rk = (lambda(self.steps.sigmas[step - 1]) - lambda(self.steps.sigmas[step])) / c.h;
         let d1 = div(&(m1 - m0)?, rk)?;
         // Order 2: ρ = 1/2.
         Ok((x_t_ - mul(&mul(&d1, 0.5)?, c.alpha_t * c.b_h)?)?)
@@ -211,47 +181,27 @@ fn solve2(a: [[f32; 2]; 2], b: [f32; 2]) -> [f32; 2] {
     [x0, x1]
 }
 
-impl Scheduler for UniPc {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::UniPc
+impl Solver for UniPc {
+    fn steps(&self) -> &Steps {
+        &self.steps
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
-        check_step(self.kind(), step, self.timesteps.len())?;
-        Ok(sample.clone())
-    }
-
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        m: &Tensor,
         step: usize,
-        sample: &Tensor,
+        x: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let n = self.timesteps.len();
-        check_step(self.kind(), step, n)?;
-        check_consecutive(self.kind(), self.next_step, step)?;
-        let x = f32_of(sample)?;
-        let m = f32_of(model_output)?;
-        let x0 = self.convert(&m, &x, step)?;
+        let n = self.steps.timesteps.len();
+        check_consecutive(self.steps.kind, self.next_step, step)?;
+        let x0 = vp_x0(self.prediction_type, m, x, self.steps.sigmas[step])?;
         let use_corrector =
             step > 0 && !self.disable_corrector.contains(&(step - 1)) && self.last_sample.is_some();
         let x = if use_corrector {
             self.correct(&x0, step)?
         } else {
-            x
+            x.clone()
         };
         self.model_outputs.rotate_left(1);
         self.model_outputs[1] = Some(x0);
@@ -268,14 +218,11 @@ impl Scheduler for UniPc {
             self.lower_order_nums += 1;
         }
         self.next_step = Some(step + 1);
-        Ok(prev.to_dtype(sample.dtype())?)
+        Ok(prev)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        check_step(self.kind(), step, self.timesteps.len())?;
-        let (alpha_t, sigma_t) = alpha_sigma_t(self.sigmas[step]);
-        let noisy = (mul(&f32_of(original)?, alpha_t)? + mul(&f32_of(noise)?, sigma_t)?)?;
-        Ok(noisy.to_dtype(original.dtype())?)
+    fn add_noise_f32(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        vp_add_noise(original, noise, self.steps.sigmas[step])
     }
 }
 
