@@ -216,23 +216,15 @@ pub struct ClipTextModel {
 /// The weight file of a transformers model folder, in transformers' order of preference (and
 /// diffusers' `fp16` variant names).
 fn transformers_weight_file(dir: &Path) -> crate::Result<PathBuf> {
-    const NAMES: [&str; 4] = [
-        "model.safetensors",
-        "model.fp16.safetensors",
-        "pytorch_model.bin",
-        "pytorch_model.fp16.bin",
-    ];
-    NAMES
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            Error::Weights(format!(
-                "{}: no {} in this folder",
-                dir.display(),
-                NAMES.join(" / ")
-            ))
-        })
+    crate::first_file(
+        dir,
+        &[
+            "model.safetensors",
+            "model.fp16.safetensors",
+            "pytorch_model.bin",
+            "pytorch_model.fp16.bin",
+        ],
+    )
 }
 
 impl ClipTextModel {

@@ -50,12 +50,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The weight file of a diffusers model folder, in diffusers' order of preference.
 pub fn diffusers_weight_file(dir: &Path) -> Result<PathBuf> {
-    const NAMES: [&str; 3] = [
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.bin",
-    ];
-    NAMES
+    first_file(
+        dir,
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin",
+        ],
+    )
+}
+
+/// The first of `names` that is a file in `dir`, or an error listing them all.
+pub(crate) fn first_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+    names
         .iter()
         .map(|n| dir.join(n))
         .find(|p| p.is_file())
@@ -63,7 +70,7 @@ pub fn diffusers_weight_file(dir: &Path) -> Result<PathBuf> {
             Error::Weights(format!(
                 "{}: no {} in this folder",
                 dir.display(),
-                NAMES.join(" / ")
+                names.join(" / ")
             ))
         })
 }

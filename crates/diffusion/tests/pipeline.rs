@@ -5,20 +5,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, rel_err};
-use diffusion::control::ControlMode;
-use diffusion::denoise;
-use diffusion::images::ResizeMode;
-use diffusion::pipeline::{ControlSpec, Request, StableDiffusion};
+use common::{final_latents, fixtures, parity_request, rel_err};
+use diffusion::pipeline::{Request, StableDiffusion};
 use diffusion::schedulers::SchedulerKind;
-use diffusion::ControlNetModel;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 struct Fixture {
     sd: StableDiffusion,
     cases: HashMap<String, Tensor>,
-    controls: Vec<ControlSpec>,
 }
 
 fn fixture() -> Fixture {
@@ -26,52 +20,11 @@ fn fixture() -> Fixture {
     let sd = StableDiffusion::load(&fixtures().join("pipeline_sd15"), DType::F32, &dev).unwrap();
     let cases = candle_core::safetensors::load(fixtures().join("pipeline_cases.safetensors"), &dev)
         .unwrap();
-    let net = |name: &str| {
-        Arc::new(ControlNetModel::load(&fixtures().join(name), None, DType::F32, &dev).unwrap())
-    };
-    let hint = |name: &str| image::open(fixtures().join(name)).unwrap().to_rgb8();
-    let control = |net, image, scale, start, end| ControlSpec {
-        net,
-        image,
-        resize: ResizeMode::JustResize,
-        scale,
-        start,
-        end,
-        mode: ControlMode::Balanced,
-        mask_hint: false,
-    };
-    let controls = vec![
-        control(
-            net("controlnet_sd15"),
-            hint("pipeline_hint_a.png"),
-            1.0,
-            0.0,
-            1.0,
-        ),
-        control(
-            net("controlnet_sd15_b"),
-            hint("pipeline_hint_b.png"),
-            0.6,
-            0.25,
-            0.75,
-        ),
-    ];
-    Fixture {
-        sd,
-        cases,
-        controls,
-    }
+    Fixture { sd, cases }
 }
 
 fn request(f: &Fixture, scheduler: SchedulerKind) -> Request {
-    let mut req = Request::txt2img("a red cube on a wooden table, studio light", 96, 64);
-    req.negative_prompt = "blurry, low quality".into();
-    req.steps = 8;
-    req.guidance_scale = 7.5;
-    req.scheduler = scheduler;
-    req.controls = f.controls.clone();
-    req.latents = Some(f.cases["latents"].clone());
-    req
+    parity_request(scheduler, &f.cases["latents"])
 }
 
 /// PSNR in dB of an 8-bit image against a reference in 0..1, `[H, W, 3]`.
@@ -108,16 +61,6 @@ fn images_match_diffusers_with_two_controlnets_and_cfg() {
     }
 }
 
-/// The final latents, before the VAE: through a tiny random VAE and 8 bits the images hide
-/// small differences (they are at the quantisation floor, ~59 dB), the latents do not.
-fn final_latents(f: &Fixture, req: &Request) -> Tensor {
-    let mut job = f.sd.new_job(req).unwrap();
-    while !job.is_done() {
-        denoise::step_batch(&f.sd.unet, &mut [&mut job]).unwrap();
-    }
-    job.latents
-}
-
 #[test]
 fn final_latents_match_diffusers() {
     let f = fixture();
@@ -125,7 +68,7 @@ fn final_latents_match_diffusers() {
         ("ddim", SchedulerKind::Ddim),
         ("unipc", SchedulerKind::UniPc),
     ] {
-        let ours = final_latents(&f, &request(&f, kind));
+        let ours = final_latents(&f.sd, &request(&f, kind));
         let err = rel_err(&ours, &f.cases[&format!("{name}.latents")]);
         eprintln!("{name}: final latents rel err {err:.2e}");
         assert!(err <= 1e-4, "{name}: {err:.3e}");
@@ -140,7 +83,7 @@ fn each_control_is_visible_in_the_latents() {
     for drop in 0..2 {
         let mut req = request(&f, SchedulerKind::Ddim);
         req.controls.remove(drop);
-        let err = rel_err(&final_latents(&f, &req), &f.cases["ddim.latents"]);
+        let err = rel_err(&final_latents(&f.sd, &req), &f.cases["ddim.latents"]);
         // Ten times the parity bound at least (measured: ~9e-3 for the weaker net).
         assert!(err > 1e-3, "ControlNet {drop} dropped: still {err:.2e}");
     }

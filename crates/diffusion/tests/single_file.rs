@@ -6,19 +6,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, identical, rel_err};
-use diffusion::control::ControlMode;
-use diffusion::denoise;
-use diffusion::images::ResizeMode;
-use diffusion::pipeline::{ControlSpec, Request, SingleFileConfigs, StableDiffusion};
+use common::{final_latents, fixtures, identical, parity_request, rel_err};
+use diffusion::pipeline::{SingleFileConfigs, StableDiffusion};
 use diffusion::schedulers::SchedulerKind;
 use diffusion::weights::WeightFile;
-use diffusion::{
-    ClipTextConfig, ClipTokenizer, ControlNetModel, UNet2DConditionModel, UNetConfig, VaeConfig,
-};
+use diffusion::{ClipTextConfig, ClipTokenizer, UNet2DConditionModel, UNetConfig, VaeConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 fn single_file() -> PathBuf {
     fixtures().join("pipeline_sd15_single_file.safetensors")
@@ -52,57 +46,6 @@ fn load_single_file(path: &Path) -> diffusion::Result<StableDiffusion> {
     )
 }
 
-/// The request of `tests/pipeline.rs`: two ControlNets with their own scales and windows, CFG
-/// with a negative prompt, diffusers' initial latents.
-fn request(scheduler: SchedulerKind, latents: &Tensor) -> Request {
-    let dev = Device::Cpu;
-    let net = |name: &str| {
-        Arc::new(ControlNetModel::load(&fixtures().join(name), None, DType::F32, &dev).unwrap())
-    };
-    let hint = |name: &str| image::open(fixtures().join(name)).unwrap().to_rgb8();
-    let control = |net, image, scale, start, end| ControlSpec {
-        net,
-        image,
-        resize: ResizeMode::JustResize,
-        scale,
-        start,
-        end,
-        mode: ControlMode::Balanced,
-        mask_hint: false,
-    };
-    let mut req = Request::txt2img("a red cube on a wooden table, studio light", 96, 64);
-    req.negative_prompt = "blurry, low quality".into();
-    req.steps = 8;
-    req.guidance_scale = 7.5;
-    req.scheduler = scheduler;
-    req.controls = vec![
-        control(
-            net("controlnet_sd15"),
-            hint("pipeline_hint_a.png"),
-            1.0,
-            0.0,
-            1.0,
-        ),
-        control(
-            net("controlnet_sd15_b"),
-            hint("pipeline_hint_b.png"),
-            0.6,
-            0.25,
-            0.75,
-        ),
-    ];
-    req.latents = Some(latents.clone());
-    req
-}
-
-fn final_latents(sd: &StableDiffusion, req: &Request) -> Tensor {
-    let mut job = sd.new_job(req).unwrap();
-    while !job.is_done() {
-        denoise::step_batch(&sd.unet, &mut [&mut job]).unwrap();
-    }
-    job.latents
-}
-
 #[test]
 fn single_file_gives_the_folders_final_latents() {
     let dev = Device::Cpu;
@@ -120,7 +63,7 @@ fn single_file_gives_the_folders_final_latents() {
         ("ddim", SchedulerKind::Ddim),
         ("unipc", SchedulerKind::UniPc),
     ] {
-        let req = request(kind, &cases["latents"]);
+        let req = parity_request(kind, &cases["latents"]);
         let ours = final_latents(&from_file, &req);
         let reference = final_latents(&from_folder, &req);
         assert!(identical(&ours, &reference), "{name}: latents differ");
@@ -130,7 +73,7 @@ fn single_file_gives_the_folders_final_latents() {
         assert!(err <= 1e-4, "{name}: {err:.3e}");
     }
     // The decoded images too (the VAE from the file is the folder's).
-    let req = request(SchedulerKind::Ddim, &cases["latents"]);
+    let req = parity_request(SchedulerKind::Ddim, &cases["latents"]);
     let latents = final_latents(&from_folder, &req);
     let images = |sd: &StableDiffusion| sd.decode(&latents).unwrap();
     assert_eq!(images(&from_file), images(&from_folder));

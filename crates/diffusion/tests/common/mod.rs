@@ -1,8 +1,15 @@
 //! Shared helpers for the parity tests: fixture paths and the error measure.
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
+use diffusion::control::ControlMode;
+use diffusion::denoise;
+use diffusion::images::ResizeMode;
+use diffusion::pipeline::{ControlSpec, Request, StableDiffusion};
+use diffusion::schedulers::SchedulerKind;
+use diffusion::ControlNetModel;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -76,4 +83,58 @@ pub fn identical(a: &Tensor, b: &Tensor) -> bool {
     a.dims() == b.dims()
         && a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// The request of the end-to-end fixture (`tools/parity/make_pipeline_fixtures.py`): two
+/// ControlNets with their own scales and windows, CFG with a negative prompt, diffusers'
+/// initial latents.
+pub fn parity_request(scheduler: SchedulerKind, latents: &Tensor) -> Request {
+    let net = |name: &str| {
+        Arc::new(
+            ControlNetModel::load(&fixtures().join(name), None, DType::F32, &Device::Cpu).unwrap(),
+        )
+    };
+    let hint = |name: &str| image::open(fixtures().join(name)).unwrap().to_rgb8();
+    let control = |net, image, scale, start, end| ControlSpec {
+        net,
+        image,
+        resize: ResizeMode::JustResize,
+        scale,
+        start,
+        end,
+        mode: ControlMode::Balanced,
+        mask_hint: false,
+    };
+    let mut req = Request::txt2img("a red cube on a wooden table, studio light", 96, 64);
+    req.negative_prompt = "blurry, low quality".into();
+    req.steps = 8;
+    req.guidance_scale = 7.5;
+    req.scheduler = scheduler;
+    req.controls = vec![
+        control(
+            net("controlnet_sd15"),
+            hint("pipeline_hint_a.png"),
+            1.0,
+            0.0,
+            1.0,
+        ),
+        control(
+            net("controlnet_sd15_b"),
+            hint("pipeline_hint_b.png"),
+            0.6,
+            0.25,
+            0.75,
+        ),
+    ];
+    req.latents = Some(latents.clone());
+    req
+}
+
+/// A request run alone to its final latents (before the VAE).
+pub fn final_latents(sd: &StableDiffusion, req: &Request) -> Tensor {
+    let mut job = sd.new_job(req).unwrap();
+    while !job.is_done() {
+        denoise::step_batch(&sd.unet, &mut [&mut job]).unwrap();
+    }
+    job.latents
 }
