@@ -7,7 +7,8 @@ use std::path::Path;
 
 use crate::blocks::Encoder;
 use crate::config::{ControlNetConfig, EncoderSpec};
-use crate::weights::WeightFile;
+use crate::weights::{Counting, WeightFile};
+use candle_nn::var_builder::SimpleBackend;
 
 /// What a ControlNet hands the UNet: one tensor per skip connection and one for the mid block.
 #[derive(Debug, Clone)]
@@ -147,6 +148,8 @@ pub struct ControlNetModel {
     cond_embedding: ConditioningEmbedding,
     zero_convs: Vec<nn::Conv2d>,
     mid_zero_conv: nn::Conv2d,
+    /// Bytes of weights held, when loaded through a counting source (0 otherwise).
+    bytes: usize,
 }
 
 impl ControlNetModel {
@@ -177,7 +180,50 @@ impl ControlNetModel {
             cond_embedding,
             zero_convs,
             mid_zero_conv,
+            bytes: 0,
         })
+    }
+
+    /// Builds the model from `weights`, counting the bytes it takes (see [`Self::size_in_bytes`]).
+    pub fn from_source(
+        weights: impl SimpleBackend + 'static,
+        config: &ControlNetConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        let (vb, bytes) = Counting::var_builder(weights, dtype, device);
+        let mut model = Self::new(vb, config)?;
+        model.bytes = bytes.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(model)
+    }
+
+    /// Whether this ControlNet can drive `unet`: its residuals must have the UNet's skip
+    /// channels, and it must read prompt embeddings of the UNet's width. An SD 2.x ControlNet on
+    /// an SD 1.5 base fails here, with the reason, not mid-batch.
+    pub fn check_fits(&self, unet: &EncoderSpec) -> crate::Result<()> {
+        let ours = self.spec();
+        if ours.skip_channels() != unet.skip_channels() {
+            return Err(crate::Error::Config(format!(
+                "the ControlNet's residual channels {:?} do not match the base model's skips {:?}",
+                ours.skip_channels(),
+                unet.skip_channels()
+            )));
+        }
+        let (a, b) = (
+            ours.mid_attention.cross_attention_dim,
+            unet.mid_attention.cross_attention_dim,
+        );
+        if a != b {
+            return Err(crate::Error::Config(format!(
+                "the ControlNet reads {a}-wide prompt embeddings, the base model makes {b}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The weights' size on the device, in bytes (what a memory budget counts).
+    pub fn size_in_bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Loads a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`), or a
@@ -196,7 +242,7 @@ impl ControlNetModel {
                 None => ControlNetConfig::from_file(&path.join("config.json"))?,
             };
             let file = WeightFile::open(&crate::diffusers_weight_file(path)?)?;
-            return Self::new(file.into_var_builder(dtype, device), &config);
+            return Self::from_source(file, &config, dtype, device);
         }
         let file = WeightFile::open(path)?;
         if crate::ldm::is_original_controlnet(&file) {
@@ -207,13 +253,11 @@ impl ControlNetModel {
             };
             let spec = config.resolve()?;
             let renames = crate::ldm::controlnet_renames(&file, &spec)?;
-            let vb = file
-                .with_renames(renames, crate::ldm::ORIGINAL_CONTROLNET_LAYOUT)
-                .into_var_builder(dtype, device);
-            return Self::new(vb, &config);
+            let file = file.with_renames(renames, crate::ldm::ORIGINAL_CONTROLNET_LAYOUT);
+            return Self::from_source(file, &config, dtype, device);
         }
         match config {
-            Some(config) => Self::new(file.into_var_builder(dtype, device), &config),
+            Some(config) => Self::from_source(file, &config, dtype, device),
             None => Err(crate::Error::Weights(format!(
                 "{}: not an original-layout ControlNet (no `control_model.` keys); a \
                  diffusers-layout file needs its config.json (put both in one folder)",

@@ -114,9 +114,21 @@ struct NetRows {
 
 /// Advances every job by one step with one UNet call. All jobs must share the latent size and
 /// the prompt length (a long prompt's embeddings are longer); finished jobs are an error.
+/// Any job's failure is the batch's error (see [`step_batch_each`] to tell them apart).
 pub fn step_batch(unet: &UNet2DConditionModel, jobs: &mut [&mut DenoiseJob]) -> crate::Result<()> {
+    step_batch_each(unet, jobs)?.into_iter().collect()
+}
+
+/// [`step_batch`] with failures attributed. The outer error means the shared part (inputs,
+/// ControlNets, UNet) failed and no job was changed, so each job may be retried alone to find
+/// the culprit. Otherwise each job gets its own outcome from its guidance and scheduler step;
+/// a job that failed there is in an unspecified state and must be dropped.
+pub fn step_batch_each(
+    unet: &UNet2DConditionModel,
+    jobs: &mut [&mut DenoiseJob],
+) -> crate::Result<Vec<crate::Result<()>>> {
     if jobs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let device = unet.device().clone();
     let dtype = unet.dtype();
@@ -220,34 +232,45 @@ pub fn step_batch(unet: &UNet2DConditionModel, jobs: &mut [&mut DenoiseJob]) -> 
     let noise_pred = unet.forward(&sample, &timesteps, &embeddings, residuals.as_ref())?;
 
     let mut offset = 0;
+    let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs.iter_mut() {
-        let n = job.n_images();
         let rows = noise_pred.narrow(0, offset, job.n_rows())?;
         offset += job.n_rows();
-        let pred = if job.uses_guidance() {
-            let uncond = rows.narrow(0, 0, n)?;
-            let cond = rows.narrow(0, n, n)?;
-            (&uncond + ((cond - &uncond)? * job.guidance_scale)?)?
-        } else {
-            rows
-        };
-        let pred = pred.to_dtype(job.latents.dtype())?;
-        let step = job.step;
-        let mut latents = job
-            .scheduler
-            .step(&pred, step, &job.latents, job.noise.as_mut())?;
-        if let Some(blend) = &job.inpaint {
-            let proper = if step + 1 < job.n_steps() {
-                job.scheduler
-                    .add_noise(&blend.image_latents, &blend.noise, step + 1)?
-            } else {
-                blend.image_latents.clone()
-            };
-            let keep = (1.0 - &blend.mask)?;
-            latents = (proper.broadcast_mul(&keep)? + latents.broadcast_mul(&blend.mask)?)?;
-        }
-        job.latents = latents;
-        job.step += 1;
+        // A panic in one job's scheduler step fails that job, not the others after it.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| finish_step(job, rows)))
+                .unwrap_or_else(|_| Err(crate::Error::Scheduler("panicked in the step".into())));
+        outcomes.push(outcome);
     }
+    Ok(outcomes)
+}
+
+/// Guidance and the scheduler step for one job, from its rows of the UNet's output.
+fn finish_step(job: &mut DenoiseJob, rows: Tensor) -> crate::Result<()> {
+    let n = job.n_images();
+    let pred = if job.uses_guidance() {
+        let uncond = rows.narrow(0, 0, n)?;
+        let cond = rows.narrow(0, n, n)?;
+        (&uncond + ((cond - &uncond)? * job.guidance_scale)?)?
+    } else {
+        rows
+    };
+    let pred = pred.to_dtype(job.latents.dtype())?;
+    let step = job.step;
+    let mut latents = job
+        .scheduler
+        .step(&pred, step, &job.latents, job.noise.as_mut())?;
+    if let Some(blend) = &job.inpaint {
+        let proper = if step + 1 < job.n_steps() {
+            job.scheduler
+                .add_noise(&blend.image_latents, &blend.noise, step + 1)?
+        } else {
+            blend.image_latents.clone()
+        };
+        let keep = (1.0 - &blend.mask)?;
+        latents = (proper.broadcast_mul(&keep)? + latents.broadcast_mul(&blend.mask)?)?;
+    }
+    job.latents = latents;
+    job.step += 1;
     Ok(())
 }

@@ -167,9 +167,11 @@ impl StableDiffusion {
 
 /// A generated ControlNet for the embedded model: `seed` tells one from another.
 pub fn controlnet(seed: u64, dtype: DType, device: &Device) -> Result<ControlNetModel> {
-    ControlNetModel::new(
-        SeededWeights::new(seed, false).var_builder(dtype, device),
+    ControlNetModel::from_source(
+        SeededWeights::new(seed, false),
         &controlnet_config(),
+        dtype,
+        device,
     )
 }
 

@@ -189,19 +189,26 @@ impl StableDiffusion {
     /// `[2n, T, D]` (negative rows first) with guidance, else `[n, T, D]`. Long prompts are
     /// encoded in 75-token chunks and concatenated (A1111), the negative padded to match.
     pub fn encode_prompt(&self, req: &Request, guided: bool) -> Result<Tensor> {
-        let n = req.num_images;
-        let (positive, negative) = self
-            .tokenizer
-            .encode_pair(&req.prompt, &req.negative_prompt)?;
-        let cond = self.text_encoder.encode_chunks(&positive, req.clip_skip)?;
-        let cond = cond.repeat((n, 1, 1))?;
+        let one =
+            self.prompt_embeddings(&req.prompt, &req.negative_prompt, req.clip_skip, guided)?;
+        per_image_embeddings(&one, req.num_images, guided)
+    }
+
+    /// One image's embeddings: `[2, T, D]` (negative first) with guidance, else `[1, T, D]`.
+    /// A function of its arguments alone, so callers may cache it.
+    pub fn prompt_embeddings(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        clip_skip: usize,
+        guided: bool,
+    ) -> Result<Tensor> {
+        let (positive, negative) = self.tokenizer.encode_pair(prompt, negative_prompt)?;
+        let cond = self.text_encoder.encode_chunks(&positive, clip_skip)?;
         if !guided {
             return Ok(cond);
         }
-        let uncond = self
-            .text_encoder
-            .encode_chunks(&negative, req.clip_skip)?
-            .repeat((n, 1, 1))?;
+        let uncond = self.text_encoder.encode_chunks(&negative, clip_skip)?;
         Ok(Tensor::cat(&[uncond, cond], 0)?)
     }
 
@@ -226,6 +233,16 @@ impl StableDiffusion {
 
     /// A request as a job ready for [`denoise::step_batch`].
     pub fn new_job(&self, req: &Request) -> Result<DenoiseJob> {
+        self.check(req)?;
+        let guided = req.guidance_scale > 1.0;
+        let one =
+            self.prompt_embeddings(&req.prompt, &req.negative_prompt, req.clip_skip, guided)?;
+        self.new_job_with_embeddings(req, &one)
+    }
+
+    /// [`Self::new_job`] with one image's prompt embeddings already made (by
+    /// [`Self::prompt_embeddings`] with `guided` = guidance scale > 1), e.g. from a cache.
+    pub fn new_job_with_embeddings(&self, req: &Request, prompt: &Tensor) -> Result<DenoiseJob> {
         let (h, w) = self.check(req)?;
         let device = self.device().clone();
         let n = req.num_images;
@@ -242,7 +259,7 @@ impl StableDiffusion {
                 .collect(),
         };
         let guided = req.guidance_scale > 1.0;
-        let embeddings = self.encode_prompt(req, guided)?;
+        let embeddings = per_image_embeddings(prompt, n, guided)?;
 
         let initial_noise = match &req.latents {
             Some(given) => {
@@ -312,6 +329,7 @@ impl StableDiffusion {
             .controls
             .iter()
             .map(|c| {
+                c.net.check_fits(self.unet.spec())?;
                 let f = c.net.hint_downscale();
                 if f != self.vae_scale_factor() {
                     return Err(Error::Config(format!(
@@ -384,6 +402,25 @@ impl StableDiffusion {
                 .collect(),
         })
     }
+}
+
+/// One image's embeddings (`[2, T, D]` guided, negative first; else `[1, T, D]`) repeated for
+/// `n` images: all negative rows, then all positive ones.
+fn per_image_embeddings(one: &Tensor, n: usize, guided: bool) -> Result<Tensor> {
+    let rows = if guided { 2 } else { 1 };
+    if one.dims()[0] != rows {
+        return Err(Error::Config(format!(
+            "prompt embeddings have {} rows, {} expected",
+            one.dims()[0],
+            rows
+        )));
+    }
+    if !guided {
+        return Ok(one.repeat((n, 1, 1))?);
+    }
+    let uncond = one.narrow(0, 0, 1)?.repeat((n, 1, 1))?;
+    let cond = one.narrow(0, 1, 1)?.repeat((n, 1, 1))?;
+    Ok(Tensor::cat(&[uncond, cond], 0)?)
 }
 
 /// The mask at latent size: nearest-neighbour down to `h`×`w` (diffusers interpolates the

@@ -377,6 +377,73 @@ impl SimpleBackend for WeightFile {
     }
 }
 
+/// A weight source that counts the bytes of the tensors a model takes from it (in the dtype
+/// they are loaded as): what a loaded model holds on its device, for memory budgets.
+pub struct Counting<B> {
+    inner: B,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<B: SimpleBackend + 'static> Counting<B> {
+    /// A `VarBuilder` over `inner`, and the running count of bytes it has handed out.
+    pub fn var_builder(
+        inner: B,
+        dtype: DType,
+        device: &Device,
+    ) -> (
+        VarBuilder<'static>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let backend = Self {
+            inner,
+            bytes: bytes.clone(),
+        };
+        (
+            VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+            bytes,
+        )
+    }
+}
+
+impl<B> Counting<B> {
+    fn counted(&self, t: candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        if let Ok(t) = &t {
+            self.bytes.fetch_add(
+                t.elem_count() * t.dtype().size_in_bytes(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        t
+    }
+}
+
+impl<B: SimpleBackend> SimpleBackend for Counting<B> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.counted(self.inner.get(shape, name, init, dtype, device))
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.counted(self.inner.get_unchecked(name, dtype, device))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
 /// Parses `f32`, `f16`, `bf16` (the dtypes a user may ask the models to run in).
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s.to_ascii_lowercase().as_str() {

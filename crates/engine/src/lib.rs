@@ -1,22 +1,37 @@
-//! The engine: one worker thread owns the device and the base model and runs the denoising
-//! loop; callers submit requests and get a stream of events back.
+//! The engine: resident base models, ControlNet adapters by name, an admission queue, and one
+//! device worker that batches every running job through the shared denoiser step by step.
 //!
-//! Jobs on the same latent size and prompt length share every UNet call
-//! ([`diffusion::denoise::step_batch`]): new jobs join between steps, finished ones leave and
-//! are decoded, cancelled ones (or ones whose caller has gone) are dropped at the next step
-//! boundary. The worker never waits on a caller: events go out on unbounded channels, and the
-//! queue in is bounded, so a full queue is an immediate [`EngineError::Overloaded`].
+//! - Callers [`Engine::submit`] a [`Job`] and get a [`JobHandle`]: a stream of [`Event`]s
+//!   (queued with position, started, step k of N, done or failed) and a way to cancel. Submit
+//!   never blocks: a full queue is [`EngineError::Overloaded`] at once.
+//! - A job takes its adapters from the [`AdapterRegistry`] when it is submitted and keeps them
+//!   until it ends, so adapters can be loaded, replaced and unloaded while traffic flows.
+//!   Adapters that must be loaded again (evicted) are loaded on a loader thread, never on the
+//!   worker.
+//! - The worker takes jobs between steps (high priority first, up to `max_batch` images; when
+//!   idle it may hold a partial batch up to `max_queue_delay`), and advances every job that
+//!   shares a base model, latent size and prompt length with one UNet call
+//!   ([`diffusion::denoise::step_batch_each`]), whatever their prompts, seeds, schedulers, step
+//!   counts, guidance and ControlNets. Finished jobs are decoded together. Jobs whose caller has
+//!   gone, that were cancelled or whose deadline passed leave at the next step boundary.
+//! - A job that fails, or panics, fails alone: a failed shared step is retried job by job.
 //!
-//! Not yet here (the engine issue goes on): ControlNet adapter registry and hot swap, memory
-//! budget, priorities, deadlines, prompt-embedding cache, `max_queue_delay`, batched VAE.
-use diffusion::denoise::{self, DenoiseJob};
-use diffusion::pipeline::{Request, StableDiffusion};
+//! No HTTP here: the server maps [`EngineError`] to status codes.
+pub mod adapters;
+mod queue;
+mod worker;
+
+use diffusion::control::ControlMode;
+use diffusion::images::ResizeMode;
+use diffusion::pipeline::{ControlSpec, Request, StableDiffusion};
 use image::RgbImage;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+pub use adapters::{AdapterCounters, AdapterInfo, AdapterRegistry, AdapterSettings};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
@@ -26,20 +41,48 @@ pub enum EngineError {
     /// The request cannot be run as given (HTTP 4xx).
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("unknown base model `{0}`")]
+    UnknownModel(String),
+    #[error("unknown adapter `{0}`")]
+    UnknownAdapter(String),
+    /// An adapter path outside the configured roots.
+    #[error("{0}")]
+    Forbidden(String),
+    /// An adapter path that is not there.
+    #[error("{0}")]
+    NotFound(String),
+    /// The adapter's weights could not be loaded (a bad or mismatched file).
+    #[error("{0}")]
+    AdapterLoad(String),
+    /// The adapter memory budget is held by adapters in use (try again later).
+    #[error("{0}")]
+    MemoryBudget(String),
+    /// The job's deadline passed before it finished.
+    #[error("the job's deadline passed")]
+    Timeout,
+    /// The caller cancelled the job.
+    #[error("cancelled")]
+    Cancelled,
     /// The model failed on this job (HTTP 500); other jobs go on.
     #[error("generation failed: {0}")]
     Failed(String),
-    /// The engine has stopped.
-    #[error("the engine has stopped")]
+    /// The engine has stopped taking jobs.
+    #[error("the engine is shutting down")]
     Stopped,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
-    /// Jobs waiting to start, beyond which submissions are refused.
+    /// Jobs waiting to start (queued or loading adapters), beyond which submissions are refused.
     pub max_queue: usize,
-    /// Jobs in the running batch (each may hold several images and CFG rows).
+    /// Images in the running batch (a job of n images takes n; CFG doubles the UNet rows). A
+    /// single job larger than this still runs, alone.
     pub max_batch: usize,
+    /// How long an idle worker holds a partial batch for more jobs (Triton's
+    /// `max_queue_delay`). Jobs join a running batch between steps without waiting.
+    pub max_queue_delay: Duration,
+    /// Prompt embeddings kept for repeated prompts (entries per engine).
+    pub prompt_cache: usize,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +90,53 @@ impl Default for EngineConfig {
         Self {
             max_queue: 64,
             max_batch: 8,
+            max_queue_delay: Duration::ZERO,
+            prompt_cache: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+}
+
+/// One ControlNet of a job, by adapter name.
+#[derive(Clone)]
+pub struct NamedControl {
+    pub adapter: String,
+    pub image: RgbImage,
+    pub resize: ResizeMode,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+    pub mode: ControlMode,
+    /// ControlNet 1.1 inpaint convention: hint pixels under the request's mask become −1.
+    pub mask_hint: bool,
+}
+
+/// What a caller submits.
+pub struct Job {
+    /// Base model name; `None` is the first model.
+    pub model: Option<String>,
+    /// The generation; ControlNets given here as models run too, after `controls`.
+    pub request: Request,
+    pub controls: Vec<NamedControl>,
+    pub priority: Priority,
+    /// Fails with [`EngineError::Timeout`] if not done by then (checked between steps).
+    pub deadline: Option<Instant>,
+}
+
+impl Job {
+    pub fn new(request: Request) -> Self {
+        Self {
+            model: None,
+            request,
+            controls: Vec::new(),
+            priority: Priority::Normal,
+            deadline: None,
         }
     }
 }
@@ -54,7 +144,7 @@ impl Default for EngineConfig {
 /// What a caller hears about its job, in order.
 #[derive(Debug)]
 pub enum Event {
-    /// Accepted; `position` jobs were waiting before it.
+    /// Accepted; `position` jobs were waiting ahead of it.
     Queued {
         position: usize,
     },
@@ -65,9 +155,11 @@ pub enum Event {
         step: usize,
         total: usize,
     },
+    /// The images, their seeds, and the final latents `[n, 4, h, w]` (f32, on the device).
     Done {
         images: Vec<RgbImage>,
         seeds: Vec<u64>,
+        latents: candle_core::Tensor,
     },
     Failed(EngineError),
 }
@@ -79,101 +171,10 @@ pub struct JobHandle {
 }
 
 impl JobHandle {
+    /// Asks the worker to drop the job at the next step boundary; the stream then ends with
+    /// `Failed(Cancelled)`.
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
-    }
-}
-
-struct Submission {
-    request: Request,
-    events: UnboundedSender<Event>,
-    cancel: Arc<AtomicBool>,
-}
-
-impl Submission {
-    fn gone(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
-    }
-}
-
-struct Running {
-    job: DenoiseJob,
-    seeds: Vec<u64>,
-    events: UnboundedSender<Event>,
-    cancel: Arc<AtomicBool>,
-}
-
-impl Running {
-    fn gone(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
-    }
-
-    /// Jobs share a UNet call when their latents and prompt embeddings have the same shape.
-    fn batch_key(&self) -> (Vec<usize>, usize) {
-        let latent = self.job.latents.dims()[1..].to_vec();
-        let tokens = self.job.embeddings.dims()[1];
-        (latent, tokens)
-    }
-}
-
-pub struct Engine {
-    queue: Option<SyncSender<Submission>>,
-    waiting: Arc<std::sync::atomic::AtomicUsize>,
-    config: EngineConfig,
-    worker: Option<JoinHandle<()>>,
-}
-
-impl Engine {
-    /// Starts the worker thread, which owns `model` from now on.
-    pub fn start(model: StableDiffusion, config: EngineConfig) -> Self {
-        let (tx, rx) = mpsc::sync_channel(config.max_queue.max(1));
-        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let worker_waiting = waiting.clone();
-        let worker = std::thread::Builder::new()
-            .name("device-worker".into())
-            .spawn(move || Worker::new(model, rx, worker_waiting, config).run())
-            .expect("spawning the device worker");
-        Self {
-            queue: Some(tx),
-            waiting,
-            config,
-            worker: Some(worker),
-        }
-    }
-
-    /// Queues a request; never blocks. A full queue is `Overloaded` at once.
-    pub fn submit(&self, request: Request) -> Result<JobHandle, EngineError> {
-        let queue = self.queue.as_ref().ok_or(EngineError::Stopped)?;
-        let (events, rx) = unbounded_channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let position = self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _ = events.send(Event::Queued { position });
-        let submission = Submission {
-            request,
-            events,
-            cancel: cancel.clone(),
-        };
-        match queue.try_send(submission) {
-            Ok(()) => Ok(JobHandle { events: rx, cancel }),
-            Err(TrySendError::Full(_)) => {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(EngineError::Overloaded(self.config.max_queue))
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(EngineError::Stopped)
-            }
-        }
-    }
-}
-
-impl Drop for Engine {
-    /// Stops taking jobs, lets the worker finish the ones it has, and joins it.
-    fn drop(&mut self) {
-        self.queue.take();
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
+        self.cancel.store(true, Ordering::SeqCst);
     }
 }
 
@@ -183,149 +184,330 @@ impl Drop for JobHandle {
     }
 }
 
-struct Worker {
-    model: StableDiffusion,
-    queue: Receiver<Submission>,
-    waiting: Arc<std::sync::atomic::AtomicUsize>,
-    config: EngineConfig,
-    running: Vec<Running>,
+/// The worker's side of a job's handle.
+pub(crate) struct Ticket {
+    events: UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    pub priority: Priority,
+    pub deadline: Option<Instant>,
 }
 
-impl Worker {
-    fn new(
-        model: StableDiffusion,
-        queue: Receiver<Submission>,
-        waiting: Arc<std::sync::atomic::AtomicUsize>,
+impl Ticket {
+    pub fn gone(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst) || self.events.is_closed()
+    }
+
+    pub fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+
+    pub fn send(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Why a job leaves early, if it does: cancelled, caller gone (nobody to tell), deadline.
+    pub fn stop_reason(&self, now: Instant) -> Option<EngineError> {
+        if self.gone() {
+            Some(EngineError::Cancelled)
+        } else if self.expired(now) {
+            Some(EngineError::Timeout)
+        } else {
+            None
+        }
+    }
+}
+
+/// A base model as the engine lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+}
+
+/// What the engine is doing now, for metrics and readiness.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Status {
+    /// Jobs waiting to start (queued or loading adapters).
+    pub queued: usize,
+    pub running_jobs: usize,
+    pub running_images: usize,
+    /// UNet calls made so far.
+    pub steps_run: u64,
+    /// UNet rows of the last call (images × 2 with guidance).
+    pub last_batch_rows: usize,
+    pub prompt_cache_hits: u64,
+    pub prompt_cache_misses: u64,
+    pub adapters: AdapterCounters,
+}
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub running_jobs: AtomicUsize,
+    pub running_images: AtomicUsize,
+    pub steps_run: AtomicU64,
+    pub last_batch_rows: AtomicUsize,
+    pub prompt_cache_hits: AtomicU64,
+    pub prompt_cache_misses: AtomicU64,
+}
+
+/// A job whose adapters must be loaded before it can queue.
+struct Loading {
+    job: Job,
+    model: usize,
+    resolved: Vec<Option<Arc<diffusion::controlnet::ControlNetModel>>>,
+    ticket: Ticket,
+}
+
+pub struct Engine {
+    queue: Arc<queue::Queue>,
+    models: Vec<String>,
+    adapters: Arc<AdapterRegistry>,
+    loader: Mutex<Option<mpsc::Sender<Loading>>>,
+    stats: Arc<Stats>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the device worker, which owns `models` (name, model) from now on, and the
+    /// adapter loader. `models` must not be empty.
+    pub fn start(
+        models: Vec<(String, StableDiffusion)>,
+        adapters: Arc<AdapterRegistry>,
         config: EngineConfig,
     ) -> Self {
-        Self {
-            model,
-            queue,
-            waiting,
+        assert!(!models.is_empty(), "the engine needs a base model");
+        let queue = Arc::new(queue::Queue::new(config.max_queue));
+        let stats = Arc::new(Stats::default());
+        let names = models.iter().map(|(n, _)| n.clone()).collect();
+        let worker = worker::Worker::new(
+            models.into_iter().map(|(_, m)| m).collect(),
+            queue.clone(),
+            stats.clone(),
             config,
-            running: Vec::new(),
+        );
+        let mut threads = vec![std::thread::Builder::new()
+            .name("device-worker".into())
+            .spawn(move || worker.run())
+            .expect("spawning the device worker")];
+        let (loader, loads) = mpsc::channel::<Loading>();
+        let (registry, loader_queue) = (adapters.clone(), queue.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("adapter-loader".into())
+                .spawn(move || {
+                    for loading in loads {
+                        load_then_queue(&registry, &loader_queue, loading);
+                    }
+                })
+                .expect("spawning the adapter loader"),
+        );
+        Self {
+            queue,
+            models: names,
+            adapters,
+            loader: Mutex::new(Some(loader)),
+            stats,
+            threads: Mutex::new(threads),
         }
     }
 
-    /// Turns a submission into a running job (text encoding, initial latents).
-    fn admit(&mut self, s: Submission) {
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        if s.gone() {
+    /// One base model (the embedded default, or one loaded by the caller) and an adapter
+    /// registry with no roots.
+    pub fn single(model: StableDiffusion, config: EngineConfig) -> Self {
+        let adapters = AdapterRegistry::new(AdapterSettings {
+            roots: Vec::new(),
+            budget_bytes: None,
+            dtype: model.unet.dtype(),
+            device: model.device().clone(),
+        })
+        .expect("no roots to check");
+        Self::start(vec![("default".into(), model)], Arc::new(adapters), config)
+    }
+
+    pub fn adapters(&self) -> &Arc<AdapterRegistry> {
+        &self.adapters
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.models
+            .iter()
+            .map(|name| ModelInfo { name: name.clone() })
+            .collect()
+    }
+
+    /// Queues a job; never blocks. Unknown models and adapters are refused here, a full queue
+    /// is `Overloaded` at once.
+    pub fn submit(&self, job: Job) -> Result<JobHandle, EngineError> {
+        let model = match &job.model {
+            None => 0,
+            Some(name) => self
+                .models
+                .iter()
+                .position(|m| m == name)
+                .ok_or_else(|| EngineError::UnknownModel(name.clone()))?,
+        };
+        // Taken now: a job keeps the adapters it was admitted with.
+        let resolved = job
+            .controls
+            .iter()
+            .map(|c| self.adapters.try_acquire(&c.adapter))
+            .collect::<Result<Vec<_>, _>>()?;
+        let position = self.queue.reserve(job.priority)?;
+        let (events, rx) = unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let ticket = Ticket {
+            events,
+            cancel: cancel.clone(),
+            priority: job.priority,
+            deadline: job.deadline,
+        };
+        ticket.send(Event::Queued { position });
+        let loading = Loading {
+            job,
+            model,
+            resolved,
+            ticket,
+        };
+        if loading.resolved.iter().all(Option::is_some) {
+            queue_resolved(&self.queue, loading);
+        } else {
+            let loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
+            match loader.as_ref().map(|l| l.send(loading)) {
+                Some(Ok(())) => {}
+                _ => {
+                    self.queue.release();
+                    return Err(EngineError::Stopped);
+                }
+            }
+        }
+        Ok(JobHandle { events: rx, cancel })
+    }
+
+    /// Current queue, batch and cache figures.
+    pub fn status(&self) -> Status {
+        let s = &self.stats;
+        Status {
+            queued: self.queue.depth(),
+            running_jobs: s.running_jobs.load(Ordering::SeqCst),
+            running_images: s.running_images.load(Ordering::SeqCst),
+            steps_run: s.steps_run.load(Ordering::SeqCst),
+            last_batch_rows: s.last_batch_rows.load(Ordering::SeqCst),
+            prompt_cache_hits: s.prompt_cache_hits.load(Ordering::SeqCst),
+            prompt_cache_misses: s.prompt_cache_misses.load(Ordering::SeqCst),
+            adapters: self.adapters.counters(),
+        }
+    }
+
+    /// Stops taking jobs (submissions get `Stopped`); queued and running jobs still finish.
+    pub fn close(&self) {
+        self.queue.close();
+        self.loader.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Whether [`Self::close`] was called (the server is draining: not ready).
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+
+    /// Whether nothing is queued or running.
+    pub fn is_idle(&self) -> bool {
+        let s = self.status();
+        s.queued == 0 && s.running_jobs == 0
+    }
+
+    /// Closes, then waits for the queued and running jobs to finish, up to `grace`. Whether
+    /// everything finished.
+    pub fn drain(&self, grace: Duration) -> bool {
+        self.close();
+        let until = Instant::now() + grace;
+        while !self.is_idle() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+impl Drop for Engine {
+    /// Stops taking jobs, lets the worker finish the ones it has, and joins it.
+    fn drop(&mut self) {
+        self.close();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The request with each named control's adapter in place.
+fn resolved_request(job: Job, nets: Vec<Arc<diffusion::controlnet::ControlNetModel>>) -> Request {
+    let mut request = job.request;
+    let named = job
+        .controls
+        .into_iter()
+        .zip(nets)
+        .map(|(c, net)| ControlSpec {
+            net,
+            image: c.image,
+            resize: c.resize,
+            scale: c.scale,
+            start: c.start,
+            end: c.end,
+            mode: c.mode,
+            mask_hint: c.mask_hint,
+        });
+    let given = std::mem::take(&mut request.controls);
+    request.controls = named.chain(given).collect();
+    request
+}
+
+fn queue_resolved(queue: &queue::Queue, loading: Loading) {
+    let nets = loading.resolved.into_iter().flatten().collect();
+    queue.push(queue::Queued {
+        request: resolved_request(loading.job, nets),
+        model: loading.model,
+        ticket: loading.ticket,
+        enqueued: Instant::now(),
+    });
+}
+
+/// How long a job waits for adapter memory held by other jobs before it fails.
+const MEMORY_WAIT: Duration = Duration::from_secs(60);
+
+/// On the loader thread: loads what a job needs, then queues it (or fails it).
+fn load_then_queue(registry: &AdapterRegistry, queue: &queue::Queue, mut loading: Loading) {
+    for (k, slot) in loading.resolved.iter_mut().enumerate() {
+        if loading.ticket.gone() {
+            queue.release();
             return;
         }
-        let seeds = (0..s.request.num_images as u64)
-            .map(|k| s.request.seed.wrapping_add(k))
-            .collect();
-        match self.model.new_job(&s.request) {
-            Ok(job) => {
-                let _ = s.events.send(Event::Started);
-                self.running.push(Running {
-                    job,
-                    seeds,
-                    events: s.events,
-                    cancel: s.cancel,
-                });
-            }
-            Err(e) => {
-                let _ = s
-                    .events
-                    .send(Event::Failed(EngineError::Invalid(e.to_string())));
-            }
+        if slot.is_some() {
+            continue;
         }
-    }
-
-    fn run(mut self) {
+        // A budget held by running jobs frees as they finish: wait for it (while the caller
+        // is there and its deadline allows) rather than fail the job.
+        let give_up = Instant::now() + MEMORY_WAIT;
+        let name = &loading.job.controls[k].adapter;
         loop {
-            // Take new jobs between steps; wait only when there is nothing to run.
-            let mut disconnected = false;
-            while self.running.len() < self.config.max_batch {
-                let next = if self.running.is_empty() {
-                    self.queue.recv().map_err(|_| TryRecvError::Disconnected)
-                } else {
-                    self.queue.try_recv()
-                };
-                match next {
-                    Ok(s) => self.admit(s),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
+            match registry.acquire(name) {
+                Ok(net) => {
+                    *slot = Some(net);
+                    break;
                 }
-            }
-            self.running.retain(|r| !r.gone());
-            if self.running.is_empty() {
-                if disconnected {
+                Err(EngineError::MemoryBudget(_))
+                    if Instant::now() < give_up
+                        && loading.ticket.stop_reason(Instant::now()).is_none() =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    loading.ticket.send(Event::Failed(e));
+                    queue.release();
                     return;
                 }
-                continue;
             }
-            self.step();
         }
     }
-
-    /// One step for the largest group of jobs that can share a UNet call (oldest first on
-    /// ties), then decoding of the jobs that finished.
-    fn step(&mut self) {
-        let key = {
-            let mut counts: Vec<((Vec<usize>, usize), usize)> = Vec::new();
-            for r in &self.running {
-                let k = r.batch_key();
-                match counts.iter_mut().find(|(c, _)| *c == k) {
-                    Some((_, n)) => *n += 1,
-                    None => counts.push((k, 1)),
-                }
-            }
-            counts
-                .into_iter()
-                .fold(
-                    None::<((Vec<usize>, usize), usize)>,
-                    |best, (k, n)| match best {
-                        Some((_, m)) if m >= n => best,
-                        _ => Some((k, n)),
-                    },
-                )
-                .map(|(k, _)| k)
-                .expect("running is not empty")
-        };
-        let mut group: Vec<&mut Running> = self
-            .running
-            .iter_mut()
-            .filter(|r| r.batch_key() == key)
-            .collect();
-        let mut jobs: Vec<&mut DenoiseJob> = group.iter_mut().map(|r| &mut r.job).collect();
-        let result = denoise::step_batch(&self.model.unet, &mut jobs);
-        match result {
-            Ok(()) => {
-                for r in group {
-                    let total = r.job.n_steps() - r.job.start_step;
-                    let step = r.job.step - r.job.start_step;
-                    let _ = r.events.send(Event::Step { step, total });
-                }
-            }
-            Err(e) => {
-                // A failed batch fails its jobs, not the engine.
-                for r in group {
-                    let _ = r
-                        .events
-                        .send(Event::Failed(EngineError::Failed(e.to_string())));
-                    r.cancel.store(true, Ordering::Relaxed);
-                }
-            }
-        }
-        let (done, running): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(|r| r.job.is_done() && !r.gone());
-        self.running = running;
-        for r in done {
-            let event = match self.model.decode(&r.job.latents) {
-                Ok(images) => Event::Done {
-                    images,
-                    seeds: r.seeds,
-                },
-                Err(e) => Event::Failed(EngineError::Failed(e.to_string())),
-            };
-            let _ = r.events.send(event);
-        }
-    }
+    queue_resolved(queue, loading);
 }

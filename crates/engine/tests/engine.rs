@@ -1,13 +1,16 @@
-//! The engine on the embedded model: batching keeps each job's result, admission and
-//! cancellation behave.
-use candle_core::{DType, Device};
+//! The engine on the embedded model: batching keeps each job's result; admission, priorities,
+//! deadlines and cancellation behave; adapters load, evict, unload and hot-swap under traffic.
+use candle_core::{DType, Device, Tensor};
 use diffusion::control::ControlMode;
 use diffusion::images::ResizeMode;
 use diffusion::pipeline::{ControlSpec, Request, StableDiffusion};
 use diffusion::schedulers::SchedulerKind;
-use engine::{Engine, EngineConfig, EngineError, Event, JobHandle};
+use engine::{
+    AdapterRegistry, AdapterSettings, Engine, EngineConfig, EngineError, Event, Job, JobHandle,
+    NamedControl, Priority,
+};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn model() -> StableDiffusion {
     StableDiffusion::embedded(DType::F32, &Device::Cpu).unwrap()
@@ -21,18 +24,144 @@ fn request(prompt: &str, seed: u64, steps: usize, scheduler: SchedulerKind) -> R
     req
 }
 
+fn hint() -> image::RgbImage {
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 9]))
+}
+
+fn control(adapter: &str, scale: f64, end: f64) -> NamedControl {
+    NamedControl {
+        adapter: adapter.into(),
+        image: hint(),
+        resize: ResizeMode::JustResize,
+        scale,
+        start: 0.0,
+        end,
+        mode: ControlMode::Balanced,
+        mask_hint: false,
+    }
+}
+
+/// The same control with the adapter given as a model, for runs without the engine.
+fn as_spec(c: &NamedControl, seed: u64) -> ControlSpec {
+    ControlSpec {
+        net: Arc::new(diffusion::embedded::controlnet(seed, DType::F32, &Device::Cpu).unwrap()),
+        image: c.image.clone(),
+        resize: c.resize,
+        scale: c.scale,
+        start: c.start,
+        end: c.end,
+        mode: c.mode,
+        mask_hint: c.mask_hint,
+    }
+}
+
+fn engine_with(
+    config: EngineConfig,
+    budget: Option<u64>,
+    roots: Vec<std::path::PathBuf>,
+) -> Engine {
+    let registry = AdapterRegistry::new(AdapterSettings {
+        roots,
+        budget_bytes: budget,
+        dtype: DType::F32,
+        device: Device::Cpu,
+    })
+    .unwrap();
+    Engine::start(vec![("tiny".into(), model())], Arc::new(registry), config)
+}
+
+fn config(max_queue: usize, max_batch: usize) -> EngineConfig {
+    EngineConfig {
+        max_queue,
+        max_batch,
+        ..EngineConfig::default()
+    }
+}
+
+struct Finished {
+    images: Vec<image::RgbImage>,
+    latents: Tensor,
+    steps: usize,
+}
+
 /// Waits for the job's end: its images, or its error.
-async fn finish(mut handle: JobHandle) -> Result<(Vec<image::RgbImage>, usize), EngineError> {
+async fn finish(mut handle: JobHandle) -> Result<Finished, EngineError> {
     let mut steps = 0;
     while let Some(event) = handle.events.recv().await {
         match event {
             Event::Step { .. } => steps += 1,
-            Event::Done { images, .. } => return Ok((images, steps)),
+            Event::Done {
+                images, latents, ..
+            } => {
+                return Ok(Finished {
+                    images,
+                    latents,
+                    steps,
+                })
+            }
             Event::Failed(e) => return Err(e),
             _ => {}
         }
     }
     Err(EngineError::Stopped)
+}
+
+async fn until_step(handle: &mut JobHandle) {
+    loop {
+        match handle.events.recv().await {
+            Some(Event::Step { .. }) => return,
+            Some(Event::Failed(e)) => panic!("{e}"),
+            Some(_) => {}
+            None => panic!("the job ended early"),
+        }
+    }
+}
+
+/// The job run alone, outside the engine: its final latents and images.
+fn alone(sd: &StableDiffusion, req: &Request) -> (Tensor, Vec<image::RgbImage>) {
+    let mut job = sd.new_job(req).unwrap();
+    while !job.is_done() {
+        diffusion::denoise::step_batch(&sd.unet, &mut [&mut job]).unwrap();
+    }
+    let images = sd.decode(&job.latents).unwrap();
+    (job.latents, images)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// The image as diffusers returns it in f32 (`output_type="np"`): VAE output mapped to 0..1.
+fn image_f32(sd: &StableDiffusion, latents: &Tensor) -> Tensor {
+    let pixels = sd.vae.decode_latents(latents).unwrap();
+    ((pixels / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap()
+}
+
+/// max |a − b| / max |b|: latents of random tiny models run up to ~50, so absolute
+/// differences there say little.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let scale: f32 = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    max_abs_diff(a, b) / scale
 }
 
 fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
@@ -45,68 +174,113 @@ fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn jobs_in_a_shared_batch_get_the_images_they_get_alone() {
-    let net = Arc::new(diffusion::embedded::controlnet(3, DType::F32, &Device::Cpu).unwrap());
-    let hint =
-        image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 9]));
-    let mut with_control = request("a tower", 1, 5, SchedulerKind::UniPc);
-    with_control.controls.push(ControlSpec {
-        net,
-        image: hint,
-        resize: ResizeMode::JustResize,
-        scale: 0.9,
-        start: 0.0,
-        end: 0.8,
-        mode: ControlMode::Balanced,
-        mask_hint: false,
-    });
-    let requests = vec![
-        with_control,
-        request("a river", 2, 3, SchedulerKind::EulerAncestral),
-        request("a forest at dusk", 3, 4, SchedulerKind::Ddim),
+async fn jobs_in_a_shared_batch_get_what_they_get_alone() {
+    let engine = engine_with(config(16, 16), None, vec![]);
+    engine.adapters().put("edges", "embedded:3").unwrap();
+    engine.adapters().put("depth", "embedded:5").unwrap();
+    // Different prompts, seeds, step counts, schedulers, guidance (one without CFG, one of
+    // two images), ControlNets and windows: they join while others run and leave at their
+    // own step.
+    let mut jobs: Vec<(Request, Vec<(NamedControl, u64)>)> = Vec::new();
+    jobs.push((
+        request("a tower", 1, 6, SchedulerKind::UniPc),
+        vec![(control("edges", 0.9, 0.8), 3)],
+    ));
+    let mut two = request("a river", 2, 3, SchedulerKind::EulerAncestral);
+    two.num_images = 2;
+    jobs.push((
+        two,
+        vec![
+            (control("depth", 1.2, 1.0), 5),
+            (control("edges", 0.5, 0.5), 3),
+        ],
+    ));
+    let mut plain = request("a forest at dusk", 3, 4, SchedulerKind::Ddim);
+    plain.guidance_scale = 1.0;
+    jobs.push((plain, vec![]));
+    jobs.push((
         request("a lamp", 4, 2, SchedulerKind::DpmPP2M),
-    ];
-    let alone: Vec<image::RgbImage> = {
-        let sd = model();
-        requests
-            .iter()
-            .map(|r| sd.generate(r, |_, _| {}).unwrap().images.remove(0))
-            .collect()
-    };
-    let engine = Engine::start(
-        model(),
-        EngineConfig {
-            max_queue: 8,
-            max_batch: 4,
-        },
-    );
-    let handles: Vec<JobHandle> = requests
+        vec![(control("edges", 1.0, 1.0), 3)],
+    ));
+    jobs.push((request("a tower", 5, 5, SchedulerKind::Euler), vec![]));
+
+    let sd = model();
+    let references: Vec<(Tensor, Vec<image::RgbImage>)> = jobs
         .iter()
-        .map(|r| engine.submit(r.clone()).unwrap())
+        .map(|(req, controls)| {
+            let mut req = req.clone();
+            req.controls = controls.iter().map(|(c, seed)| as_spec(c, *seed)).collect();
+            alone(&sd, &req)
+        })
         .collect();
-    for (k, (handle, reference)) in handles.into_iter().zip(&alone).enumerate() {
-        let (images, steps) = finish(handle).await.unwrap();
-        assert_eq!(steps, requests[k].steps, "job {k}");
-        // Batched and alone agree to ~1e-6 in the latents; 8-bit rounding may move a level.
-        let d = max_pixel_diff(&images[0], reference);
-        assert!(d <= 1, "job {k}: pixels differ by {d}");
+
+    // Two jobs start; the rest join after the first step.
+    let mut handles = Vec::new();
+    for (k, (req, controls)) in jobs.iter().enumerate() {
+        let mut job = Job::new(req.clone());
+        job.controls = controls.iter().map(|(c, _)| c.clone()).collect();
+        handles.push(engine.submit(job).unwrap());
+        if k == 1 {
+            until_step(&mut handles[0]).await;
+        }
     }
+    let mut total_steps = 0;
+    for (k, (handle, (latents, images))) in handles.into_iter().zip(&references).enumerate() {
+        let done = finish(handle).await.unwrap();
+        let steps = jobs[k].0.steps;
+        total_steps += steps;
+        // Job 0's first Step event was taken by until_step.
+        assert_eq!(done.steps + usize::from(k == 0), steps, "job {k}");
+        let d = max_abs_diff(&image_f32(&sd, &done.latents), &image_f32(&sd, latents));
+        eprintln!(
+            "job {k}: f32 image differs by {d:e}, latents by {:e} relative",
+            rel_err(&done.latents, latents)
+        );
+        assert!(d <= 1e-5, "job {k}: f32 image differs by {d}");
+        assert_eq!(done.images.len(), images.len());
+        for (a, b) in done.images.iter().zip(images) {
+            // Decoded in a batch here, alone there: 8-bit rounding may move a level.
+            assert!(max_pixel_diff(a, b) <= 1, "job {k}");
+        }
+    }
+    // They did share UNet calls.
+    let run = engine.status().steps_run as usize;
+    assert!(
+        run < total_steps,
+        "{run} UNet calls for {total_steps} job steps"
+    );
+    assert_eq!(engine.status().prompt_cache_hits, 1, "\"a tower\" twice");
+}
+
+#[test]
+fn decoding_a_batch_equals_decoding_each() {
+    let sd = model();
+    let a = Tensor::randn(0f32, 1.0, (1, 4, 6, 8), &Device::Cpu).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (2, 4, 6, 8), &Device::Cpu).unwrap();
+    let both = sd
+        .vae
+        .decode_latents(&Tensor::cat(&[&a, &b], 0).unwrap())
+        .unwrap();
+    let each = Tensor::cat(
+        &[
+            sd.vae.decode_latents(&a).unwrap(),
+            sd.vae.decode_latents(&b).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let d = max_abs_diff(&both, &each);
+    assert!(d <= 1e-5, "{d}");
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_full_queue_is_refused_at_once() {
-    let engine = Engine::start(
-        model(),
-        EngineConfig {
-            max_queue: 1,
-            max_batch: 1,
-        },
-    );
+    let engine = Engine::single(model(), config(1, 1));
     let mut accepted = Vec::new();
     let mut refused = 0;
     for k in 0..4 {
-        let start = std::time::Instant::now();
-        match engine.submit(request("x", k, 30, SchedulerKind::Euler)) {
+        let start = Instant::now();
+        match engine.submit(Job::new(request("x", k, 30, SchedulerKind::Euler))) {
             Ok(h) => accepted.push(h),
             Err(EngineError::Overloaded(1)) => {
                 refused += 1;
@@ -127,63 +301,334 @@ async fn a_full_queue_is_refused_at_once() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn cancelling_or_dropping_frees_the_slot() {
-    let engine = Engine::start(
-        model(),
-        EngineConfig {
-            max_queue: 4,
-            max_batch: 1,
-        },
-    );
+async fn cancelling_frees_the_slot_within_one_step() {
+    let engine = Engine::single(model(), config(4, 1));
     for drop_it in [false, true] {
         let mut long = engine
-            .submit(request("long", 1, 1000, SchedulerKind::Euler))
+            .submit(Job::new(request("long", 1, 1000, SchedulerKind::Euler)))
             .unwrap();
-        // Wait until it is running.
-        loop {
-            match long.events.recv().await {
-                Some(Event::Step { .. }) => break,
-                Some(_) => {}
-                None => panic!("the long job ended early"),
-            }
-        }
+        until_step(&mut long).await;
         let short = engine
-            .submit(request("short", 2, 2, SchedulerKind::Euler))
+            .submit(Job::new(request("short", 2, 2, SchedulerKind::Euler)))
             .unwrap();
-        if drop_it {
+        let before = engine.status().steps_run;
+        let long = if drop_it {
             drop(long);
+            None
         } else {
             long.cancel();
-            // No Done for the cancelled job: its stream ends.
-            let rest = tokio::time::timeout(Duration::from_secs(30), async {
-                let mut done = false;
-                while let Some(e) = long.events.recv().await {
-                    done |= matches!(e, Event::Done { .. });
-                }
-                done
-            })
-            .await
-            .expect("the cancelled job's stream ends");
-            assert!(!rest);
-        }
-        // The single slot was freed: the short job completes.
-        let (images, _) = tokio::time::timeout(Duration::from_secs(60), finish(short))
+            Some(long)
+        };
+        // Read after the cancel: the worker saw it before its next step, or finished the one
+        // it was in.
+        let at_cancel = engine.status().steps_run;
+        let done = tokio::time::timeout(Duration::from_secs(60), finish(short))
             .await
             .expect("the short job ran")
             .unwrap();
-        assert_eq!(images.len(), 1);
+        assert_eq!(done.steps, 2);
+        let after = engine.status().steps_run;
+        // The long job ran at most one more step, then the short job's two.
+        assert!(after <= at_cancel + 3, "{before} {at_cancel} {after}");
+        if let Some(long) = long {
+            let rest = tokio::time::timeout(Duration::from_secs(30), finish(long))
+                .await
+                .expect("the cancelled job's stream ends");
+            assert!(
+                matches!(rest, Err(EngineError::Cancelled)),
+                "{:?}",
+                rest.err()
+            );
+        }
     }
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_bad_request_fails_alone() {
-    let engine = Engine::start(model(), EngineConfig::default());
+    let engine = Engine::single(model(), EngineConfig::default());
     let mut bad = request("x", 1, 2, SchedulerKind::Euler);
     bad.width = 30;
-    let bad = engine.submit(bad).unwrap();
+    let bad = engine.submit(Job::new(bad)).unwrap();
     let good = engine
-        .submit(request("y", 2, 2, SchedulerKind::Euler))
+        .submit(Job::new(request("y", 2, 2, SchedulerKind::Euler)))
         .unwrap();
     assert!(matches!(finish(bad).await, Err(EngineError::Invalid(_))));
     assert!(finish(good).await.is_ok());
+    // Unknown names are refused at submit.
+    let mut job = Job::new(request("z", 3, 2, SchedulerKind::Euler));
+    job.controls.push(control("nope", 1.0, 1.0));
+    assert!(matches!(engine.submit(job), Err(EngineError::UnknownAdapter(n)) if n == "nope"));
+    let mut job = Job::new(request("z", 3, 2, SchedulerKind::Euler));
+    job.model = Some("sdxl".into());
+    assert!(matches!(
+        engine.submit(job),
+        Err(EngineError::UnknownModel(_))
+    ));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn high_priority_jobs_start_first() {
+    let engine = Engine::single(model(), config(8, 1));
+    let mut first = engine
+        .submit(Job::new(request("first", 1, 3, SchedulerKind::Euler)))
+        .unwrap();
+    until_step(&mut first).await;
+    let normal = engine
+        .submit(Job::new(request("normal", 2, 2, SchedulerKind::Euler)))
+        .unwrap();
+    let mut urgent = Job::new(request("urgent", 3, 2, SchedulerKind::Euler));
+    urgent.priority = Priority::High;
+    let mut urgent = engine.submit(urgent).unwrap();
+    // One batch slot: when the normal job is done, the urgent one (queued after it) has
+    // already run.
+    finish(normal).await.unwrap();
+    let mut urgent_done = false;
+    while let Ok(e) = urgent.events.try_recv() {
+        urgent_done |= matches!(e, Event::Done { .. });
+    }
+    assert!(urgent_done);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn deadlines_end_jobs_running_or_waiting() {
+    let engine = Engine::single(model(), config(8, 1));
+    let mut running = Job::new(request("slow", 1, 1000, SchedulerKind::Euler));
+    running.deadline = Some(Instant::now() + Duration::from_millis(300));
+    let running = engine.submit(running).unwrap();
+    let mut waiting = Job::new(request("late", 2, 2, SchedulerKind::Euler));
+    waiting.deadline = Some(Instant::now() + Duration::from_millis(100));
+    let mut waiting = engine.submit(waiting).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), finish(running))
+        .await
+        .unwrap();
+    assert!(matches!(r, Err(EngineError::Timeout)), "{:?}", r.err());
+    let mut started = false;
+    let mut timed_out = false;
+    while let Some(e) = waiting.events.recv().await {
+        started |= matches!(e, Event::Started);
+        timed_out |= matches!(e, Event::Failed(EngineError::Timeout));
+    }
+    assert!(timed_out && !started);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_worker_holds_a_partial_batch_for_max_queue_delay() {
+    for (delay, batched) in [(Duration::from_millis(600), true), (Duration::ZERO, false)] {
+        let engine = Engine::single(
+            model(),
+            EngineConfig {
+                max_queue_delay: delay,
+                ..config(8, 4)
+            },
+        );
+        let mut handles = Vec::new();
+        for k in 0..3 {
+            handles.push(
+                engine
+                    .submit(Job::new(request("p", k, 6, SchedulerKind::Euler)))
+                    .unwrap(),
+            );
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        for h in handles {
+            finish(h).await.unwrap();
+        }
+        let run = engine.status().steps_run;
+        if batched {
+            assert_eq!(run, 6, "all three started together");
+        } else {
+            assert!(
+                run > 6,
+                "without a delay the first job starts alone ({run})"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn unloading_an_adapter_in_use_loses_no_job() {
+    let engine = engine_with(config(8, 8), None, vec![]);
+    engine.adapters().put("edges", "embedded:3").unwrap();
+    let sd = model();
+    let mut handles = Vec::new();
+    let mut references = Vec::new();
+    for (k, steps) in [5, 3, 4].into_iter().enumerate() {
+        let req = request("a bridge", k as u64, steps, SchedulerKind::Ddim);
+        let c = control("edges", 1.0, 1.0);
+        let mut reference = req.clone();
+        reference.controls = vec![as_spec(&c, 3)];
+        references.push(image_f32(&sd, &alone(&sd, &reference).0));
+        let mut job = Job::new(req);
+        job.controls.push(c);
+        handles.push(engine.submit(job).unwrap());
+    }
+    until_step(&mut handles[0]).await;
+    engine.adapters().remove("edges").unwrap();
+    assert!(engine.adapters().get("edges").is_none());
+    // New jobs cannot name it; the admitted ones all finish, with its weights.
+    let mut late = Job::new(request("late", 9, 2, SchedulerKind::Ddim));
+    late.controls.push(control("edges", 1.0, 1.0));
+    assert!(matches!(
+        engine.submit(late),
+        Err(EngineError::UnknownAdapter(_))
+    ));
+    for (k, (h, reference)) in handles.into_iter().zip(&references).enumerate() {
+        let done = finish(h).await.unwrap();
+        let d = max_abs_diff(&image_f32(&sd, &done.latents), reference);
+        assert!(d <= 1e-5, "job {k}: {d:e}");
+    }
+    // Its weights were counted until the last job let go, then freed.
+    assert_eq!(engine.adapters().counters().bytes_held, 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn hot_replacing_an_adapter_splits_jobs_before_and_after() {
+    let engine = engine_with(config(8, 8), None, vec![]);
+    let old = engine.adapters().put("edges", "embedded:3").unwrap();
+    let sd = model();
+    let req = request("a harbour", 7, 4, SchedulerKind::UniPc);
+    let c = control("edges", 1.0, 1.0);
+    let with = |seed| {
+        let mut r = req.clone();
+        r.controls = vec![as_spec(&c, seed)];
+        image_f32(&sd, &alone(&sd, &r).0)
+    };
+    let (old_ref, new_ref) = (with(3), with(4));
+    assert!(
+        max_abs_diff(&old_ref, &new_ref) > 1e-3,
+        "the two adapters differ"
+    );
+
+    let submit = || {
+        let mut job = Job::new(req.clone());
+        job.controls.push(c.clone());
+        engine.submit(job).unwrap()
+    };
+    let mut before = submit();
+    until_step(&mut before).await;
+    let new = engine.adapters().put("edges", "embedded:4").unwrap();
+    assert!(new.generation > old.generation);
+    let after = submit();
+    let (before, after) = (finish(before).await.unwrap(), finish(after).await.unwrap());
+    let before = max_abs_diff(&image_f32(&sd, &before.latents), &old_ref);
+    let after = max_abs_diff(&image_f32(&sd, &after.latents), &new_ref);
+    assert!(before <= 1e-5, "admitted before: old weights ({before:e})");
+    assert!(after <= 1e-5, "admitted after: new weights ({after:e})");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_memory_budget_evicts_idle_adapters_least_recently_used() {
+    let one = diffusion::embedded::controlnet(1, DType::F32, &Device::Cpu)
+        .unwrap()
+        .size_in_bytes() as u64;
+    assert!(one > 0);
+    // Room for two adapters.
+    let engine = engine_with(config(8, 8), Some(2 * one + one / 2), vec![]);
+    let reg = engine.adapters().clone();
+    reg.put("a", "embedded:1").unwrap();
+    reg.put("b", "embedded:2").unwrap();
+    // "a" is in use by a long job (so more recently used than "b" too).
+    let mut job = Job::new(request("busy", 1, 1000, SchedulerKind::Euler));
+    job.controls.push(control("a", 1.0, 1.0));
+    let mut busy = engine.submit(job).unwrap();
+    until_step(&mut busy).await;
+    reg.put("c", "embedded:3").unwrap();
+    let resident = |n: &str| reg.get(n).unwrap().resident;
+    assert!(
+        resident("a") && !resident("b") && resident("c"),
+        "{:?}",
+        reg.list()
+    );
+    assert_eq!(reg.counters().evictions, 1);
+    // "a" stays while in use, even when it is the least recently used.
+    reg.try_acquire("c").unwrap();
+    reg.put("d", "embedded:4").unwrap();
+    assert!(
+        resident("a") && !resident("c") && resident("d"),
+        "{:?}",
+        reg.list()
+    );
+    // Nothing idle to evict but "d": a third adapter in use would not fit.
+    let mut held = Job::new(request("busy too", 2, 1000, SchedulerKind::Euler));
+    held.controls.push(control("d", 1.0, 1.0));
+    let held = engine.submit(held).unwrap();
+    assert!(matches!(
+        reg.put("e", "embedded:5"),
+        Err(EngineError::MemoryBudget(_))
+    ));
+    drop(held);
+    drop(busy);
+    // An evicted adapter is loaded again when a job names it (on the loader thread).
+    let mut job = Job::new(request("again", 3, 2, SchedulerKind::Euler));
+    job.controls.push(control("b", 1.0, 1.0));
+    let h = engine.submit(job).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), finish(h))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resident("b"));
+    assert!(reg.counters().bytes_held <= 2 * one + one / 2);
+}
+
+#[test]
+fn adapters_come_only_from_the_roots() {
+    let base = std::env::temp_dir().join(format!("cn-roots-{}", std::process::id()));
+    let root = base.join("root");
+    let outside = base.join("outside");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    // A diffusers-layout ControlNet (folder with its config) from the parity fixtures.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../diffusion/tests/fixtures/controlnet_sd15");
+    for dir in [
+        root.join("canny.safetensors"),
+        outside.join("secret.safetensors"),
+    ] {
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(
+        outside.join("secret.safetensors"),
+        root.join("link.safetensors"),
+    )
+    .unwrap();
+    let reg = AdapterRegistry::new(AdapterSettings {
+        roots: vec![root.clone()],
+        budget_bytes: None,
+        dtype: DType::F32,
+        device: Device::Cpu,
+    })
+    .unwrap();
+    let info = reg.put("canny", "canny.safetensors").unwrap();
+    assert!(info.resident && info.bytes.unwrap() > 0);
+    let abs = root.join("canny.safetensors");
+    assert!(reg.put("canny2", abs.to_str().unwrap()).is_ok());
+    for bad in [
+        "../outside/secret.safetensors".to_string(),
+        outside.join("secret.safetensors").display().to_string(),
+        "link.safetensors".to_string(),
+    ] {
+        assert!(
+            matches!(reg.put("x", &bad), Err(EngineError::Forbidden(_))),
+            "{bad} was let through"
+        );
+    }
+    assert!(matches!(
+        reg.put("x", "missing.safetensors"),
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        reg.put("../x", "canny.safetensors"),
+        Err(EngineError::Invalid(_))
+    ));
+    // Not a ControlNet: a load error naming the adapter, and the registry unchanged.
+    std::fs::write(root.join("junk.safetensors"), b"not weights").unwrap();
+    match reg.put("junk", "junk.safetensors") {
+        Err(EngineError::AdapterLoad(m)) => assert!(m.contains("junk"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(reg.list().len(), 2);
+    std::fs::remove_dir_all(&base).unwrap();
 }
