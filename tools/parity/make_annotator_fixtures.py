@@ -171,6 +171,29 @@ def main():
             "output": save(f"tile_photo_96x128_{rate}.png", out),
         })
 
+    # shuffle minus the RNG: controlnet_aux make_noise_disk from given uniform grids (f = 16 so
+    # the grid is more than a few cells), then cv2.remap(img, flow, None, INTER_LINEAR)
+    img = inputs["photo_48x64"]
+    H, W = img.shape[:2]
+    f = 16
+    rng = np.random.default_rng(4)
+    grids = [rng.uniform(0, 1, size=(H // f + 2, W // f + 2)) for _ in range(2)]
+
+    def disk(grid):
+        noise = cv2.resize(grid, (W + 2 * f, H + 2 * f), interpolation=cv2.INTER_CUBIC)
+        noise = noise[f : f + H, f : f + W]
+        noise -= np.min(noise)
+        noise /= np.max(noise)
+        return noise[:, :, None]
+
+    flow = np.concatenate([disk(grids[0]) * float(W - 1), disk(grids[1]) * float(H - 1)], axis=2)
+    out = cv2.remap(img, flow.astype(np.float32), None, cv2.INTER_LINEAR)
+    manifest["cases"].append({
+        "op": "shuffle_from_grid", "input": "photo_48x64", "f": f,
+        "grid_x": grids[0].tolist(), "grid_y": grids[1].tolist(),
+        "output": save("shuffle_photo_48x64.png", out),
+    })
+
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")

@@ -115,21 +115,36 @@ fn median(v: &mut [f32]) -> Option<f32> {
 /// (`cv2.remap`, bilinear). The noise comes from ChaCha8 seeded with `seed`, not numpy's global
 /// RNG, so the same seed gives the same output here but not the reference's.
 pub fn shuffle(img: &RgbImage, seed: u64) -> RgbImage {
+    const F: usize = 256;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let fx = noise_disk(&mut rng, h, w, 256);
-    let fy = noise_disk(&mut rng, h, w, 256);
+    let (gh, gw) = (h / F + 2, w / F + 2);
+    let mut grid = || -> Vec<f64> { (0..gh * gw).map(|_| rng.random::<f64>()).collect() };
+    let (gx, gy) = (grid(), grid());
+    shuffle_from_grids(img, &gx, &gy, F)
+}
+
+/// `shuffle` given its two uniform noise grids, each `(H/f + 2) × (W/f + 2)` row-major.
+pub fn shuffle_from_grids(img: &RgbImage, grid_x: &[f64], grid_y: &[f64], f: usize) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let fx = noise_disk(grid_x, h, w, f);
+    let fy = noise_disk(grid_y, h, w, f);
     let mapx: Vec<f32> = fx.iter().map(|v| (v * (w - 1) as f64) as f32).collect();
     let mapy: Vec<f32> = fy.iter().map(|v| (v * (h - 1) as f64) as f32).collect();
     ops::remap_linear(img, &mapx, &mapy, w as u32, h as u32)
 }
 
-/// controlnet_aux `make_noise_disk(H, W, 1, F)`, values in `[0, 1]` (all 0 if the noise is flat).
-fn noise_disk(rng: &mut ChaCha8Rng, h: usize, w: usize, f: usize) -> Vec<f64> {
+/// controlnet_aux `make_noise_disk(H, W, 1, F)` from its noise grid: values in `[0, 1]` (all 0
+/// if the noise is flat).
+fn noise_disk(grid: &[f64], h: usize, w: usize, f: usize) -> Vec<f64> {
     let (gh, gw) = (h / f + 2, w / f + 2);
-    let grid: Vec<f64> = (0..gh * gw).map(|_| rng.random::<f64>()).collect();
+    assert_eq!(
+        grid.len(),
+        gh * gw,
+        "noise grid must be (H/f + 2) x (W/f + 2)"
+    );
     let (bw, bh) = (w + 2 * f, h + 2 * f);
-    let big = ops::resize_cubic_f64(&grid, gw, gh, bw, bh);
+    let big = ops::resize_cubic_f64(grid, gw, gh, bw, bh);
     let mut out = Vec::with_capacity(w * h);
     for y in 0..h {
         out.extend_from_slice(&big[(y + f) * bw + f..(y + f) * bw + f + w]);

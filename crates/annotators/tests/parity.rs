@@ -199,3 +199,29 @@ fn tile_resample_against_opencv() {
         assert_eq!(got.as_raw(), want.as_raw(), "tile_resample {case}");
     }
 }
+
+#[test]
+fn shuffle_from_given_noise_against_opencv() {
+    let m = manifest();
+    for case in cases(&m, "shuffle_from_grid") {
+        let img = input(&m, case);
+        let want = rgb(case["output"].as_str().unwrap());
+        let grid = |k: &str| -> Vec<f64> {
+            case[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+                .collect()
+        };
+        let f = case["f"].as_u64().unwrap() as usize;
+        let got = preprocess::shuffle_from_grids(&img, &grid("grid_x"), &grid("grid_y"), f);
+        let (agree, max, mean) = compare(got.as_raw(), want.as_raw());
+        println!(
+            "shuffle from given noise {}: {:.2}% of bytes equal, max |diff| {max}, mean {mean:.4}",
+            case["input"],
+            agree * 100.0
+        );
+        assert_eq!(got.as_raw(), want.as_raw(), "shuffle {}", case["input"]);
+    }
+}
