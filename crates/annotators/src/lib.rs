@@ -1,1 +1,489 @@
-//! Condition preprocessors (annotators). Filled by the conditions issue.
+//! Condition preprocessors ("annotators"): turn a photo into a ControlNet hint image.
+//!
+//! Pure image operations — no HTTP, no async. The HTTP layer calls [`run`] for
+//! `POST /v1/detect`, A1111's `/controlnet/detect`, and for units of a generate request whose
+//! `module` is not `none`; [`list`] feeds `/controlnet/module_list`.
+//!
+//! ```
+//! let photo = image::RgbImage::from_pixel(300, 200, image::Rgb([90, 120, 200]));
+//! let hint = annotators::run("canny", &photo, 512, &annotators::Params::new(), 0).unwrap();
+//! assert_eq!(hint.dimensions(), (768, 512)); // short side 512, both sides multiples of 64
+//! ```
+//!
+//! # What `run` does
+//!
+//! The names are the A1111 ControlNet extension's module names (the labels its UI shows, e.g.
+//! `depth_midas`, `softedge_hed`); its internal names (`depth`, `hed`, …) and `None` are
+//! accepted as aliases by [`find`]. Preprocessors that use a detect resolution (those whose
+//! [`Preprocessor::resolution`] is `Some`) first resize the image the way controlnet_aux's
+//! `resize_image` does: the short side becomes `resolution`, both sides are rounded to a multiple
+//! of 64, `INTER_LANCZOS4` when enlarging and `INTER_AREA` otherwise. The hint is returned at that
+//! detect size; fitting it to the generation size is the caller's job. The others (`none`,
+//! `invert`, `tile_resample`) work at the input size, as in A1111, and ignore `resolution`.
+//!
+//! # Limits
+//!
+//! * `resolution` must lie in [`MIN_RESOLUTION`]`..=`[`MAX_RESOLUTION`] (64..=2048, A1111's
+//!   slider range) for preprocessors that use it; outside it is a [`AnnotatorError::BadParam`]
+//!   naming `processor_res`.
+//! * An input with a zero side is [`AnnotatorError::EmptyImage`]; one with more than
+//!   [`MAX_INPUT_PIXELS`] pixels, or whose detect size would have a side over
+//!   [`MAX_DETECT_SIDE`] (a very elongated image), is [`AnnotatorError::ImageTooLarge`].
+//! * Parameters are checked against their [`ParamSpec`]: unknown names, NaN/∞ and values
+//!   outside `min..=max` are [`AnnotatorError::BadParam`] naming the parameter. Nothing panics
+//!   on user input.
+//!
+//! # `model_free`
+//!
+//! Here `model_free` means "needs no annotator network weights" (so [`run`] can execute it).
+//! A1111's `module_detail.model_free` means something else (usable without a ControlNet model,
+//! e.g. `reference_only`): for that field the HTTP layer should report `false` for everything
+//! listed here.
+//!
+//! # Fidelity
+//!
+//! The image operations in [`ops`] follow OpenCV's definitions (the references call `cv2`); the
+//! parity test `tests/parity.rs` compares them with OpenCV's output for fixtures written by
+//! `tools/parity/make_annotator_fixtures.py`. `shuffle` draws its noise from ChaCha8 seeded
+//! with `seed` — deterministic per seed, but not numpy's RNG, so not the reference's pixels.
+
+use std::collections::BTreeMap;
+
+use image::RgbImage;
+
+pub mod ops;
+pub mod preprocess;
+
+/// Smallest accepted detect resolution (A1111's slider minimum).
+pub const MIN_RESOLUTION: u32 = 64;
+/// Largest accepted detect resolution (A1111's slider maximum).
+pub const MAX_RESOLUTION: u32 = 2048;
+/// Largest input image accepted, in pixels (64 MP).
+pub const MAX_INPUT_PIXELS: u64 = 8192 * 8192;
+/// Largest side a detect-resolution image may have (bounds the work for elongated inputs).
+pub const MAX_DETECT_SIDE: u32 = 8192;
+
+/// Named numeric parameters for [`run`]: parameter name → value. Missing names take the
+/// [`ParamSpec::default`].
+pub type Params = BTreeMap<String, f64>;
+
+/// One numeric parameter of a preprocessor (an A1111 `module_detail` slider).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParamSpec {
+    /// Key in [`Params`].
+    pub name: &'static str,
+    /// Human-readable label (A1111's slider label).
+    pub label: &'static str,
+    pub min: f64,
+    pub max: f64,
+    pub default: f64,
+    pub step: f64,
+}
+
+/// A preprocessor as listed in `/controlnet/module_list`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Preprocessor {
+    /// A1111 module name.
+    pub name: &'static str,
+    /// Other names [`find`] accepts (A1111's internal names).
+    pub aliases: &'static [&'static str],
+    /// Runs without annotator network weights (see the crate docs for A1111's meaning).
+    pub model_free: bool,
+    /// The detect-resolution slider, if the preprocessor resizes to one (`processor_res`).
+    pub resolution: Option<ParamSpec>,
+    /// Further parameters; A1111's `threshold_a` / `threshold_b` are the first / second.
+    pub params: &'static [ParamSpec],
+    /// Annotator weight files it needs, named as the A1111 extension / controlnet_aux download
+    /// them (mostly from lllyasviel/Annotators); empty if `model_free`.
+    pub weights: &'static [&'static str],
+}
+
+impl Preprocessor {
+    /// The detect resolution used when the request gives none (A1111's `processor_res = -1`).
+    pub fn default_resolution(&self) -> u32 {
+        self.resolution.map_or(512, |r| r.default as u32)
+    }
+
+    /// [`Params`] from A1111's `threshold_a` / `threshold_b`: each maps onto the first / second
+    /// parameter; `-1` (A1111's "module default") or a threshold the module has no parameter
+    /// for is left out.
+    pub fn params_from_thresholds(&self, threshold_a: f64, threshold_b: f64) -> Params {
+        let mut p = Params::new();
+        for (spec, v) in self.params.iter().zip([threshold_a, threshold_b]) {
+            if v != -1.0 {
+                p.insert(spec.name.to_string(), v);
+            }
+        }
+        p
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AnnotatorError {
+    #[error("unknown preprocessor {0:?}")]
+    UnknownPreprocessor(String),
+    #[error("bad parameter {name}={value}: {reason}")]
+    BadParam {
+        name: String,
+        value: f64,
+        reason: String,
+    },
+    #[error("preprocessor {0:?} needs annotator weights that are not available")]
+    NeedsWeights(String),
+    #[error("empty image ({width}x{height})")]
+    EmptyImage { width: u32, height: u32 },
+    #[error("image too large ({width}x{height}): {reason}")]
+    ImageTooLarge {
+        width: u32,
+        height: u32,
+        reason: String,
+    },
+}
+
+const fn p(
+    name: &'static str,
+    label: &'static str,
+    min: f64,
+    max: f64,
+    default: f64,
+    step: f64,
+) -> ParamSpec {
+    ParamSpec {
+        name,
+        label,
+        min,
+        max,
+        default,
+        step,
+    }
+}
+
+const RES: Option<ParamSpec> = Some(p(
+    "processor_res",
+    "Resolution",
+    MIN_RESOLUTION as f64,
+    MAX_RESOLUTION as f64,
+    512.0,
+    1.0,
+));
+
+/// A weight-free preprocessor.
+const fn free(
+    name: &'static str,
+    aliases: &'static [&'static str],
+    resolution: Option<ParamSpec>,
+    params: &'static [ParamSpec],
+) -> Preprocessor {
+    Preprocessor {
+        name,
+        aliases,
+        model_free: true,
+        resolution,
+        params,
+        weights: &[],
+    }
+}
+
+/// A preprocessor that needs annotator weights ([`run`] returns `NeedsWeights`).
+const fn net(
+    name: &'static str,
+    aliases: &'static [&'static str],
+    resolution: Option<ParamSpec>,
+    params: &'static [ParamSpec],
+    weights: &'static [&'static str],
+) -> Preprocessor {
+    Preprocessor {
+        name,
+        aliases,
+        model_free: false,
+        resolution,
+        params,
+        weights,
+    }
+}
+
+const HED: &[&str] = &["ControlNetHED.pth"];
+const PIDI: &[&str] = &["table5_pidinet.pth"];
+const POSE: &[&str] = &["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"];
+const LERES: &[ParamSpec] = &[
+    p("remove_near", "Remove Near %", 0.0, 100.0, 0.0, 0.1),
+    p(
+        "remove_background",
+        "Remove Background %",
+        0.0,
+        100.0,
+        0.0,
+        0.1,
+    ),
+];
+
+static PREPROCESSORS: &[Preprocessor] = &[
+    free("none", &["None"], None, &[]),
+    free(
+        "canny",
+        &[],
+        RES,
+        &[
+            p(
+                "low_threshold",
+                "Canny Low Threshold",
+                1.0,
+                255.0,
+                100.0,
+                1.0,
+            ),
+            p(
+                "high_threshold",
+                "Canny High Threshold",
+                1.0,
+                255.0,
+                200.0,
+                1.0,
+            ),
+        ],
+    ),
+    free("invert", &[], None, &[]),
+    free(
+        "tile_resample",
+        &[],
+        None,
+        &[p(
+            "down_sampling_rate",
+            "Down Sampling Rate",
+            1.0,
+            8.0,
+            1.0,
+            0.01,
+        )],
+    ),
+    free("shuffle", &[], RES, &[]),
+    free(
+        "scribble_xdog",
+        &[],
+        RES,
+        &[p("threshold", "XDoG Threshold", 1.0, 64.0, 32.0, 1.0)],
+    ),
+    free("lineart_standard", &[], RES, &[]),
+    net(
+        "mlsd",
+        &[],
+        RES,
+        &[
+            p(
+                "value_threshold",
+                "MLSD Value Threshold",
+                0.01,
+                2.0,
+                0.1,
+                0.01,
+            ),
+            p(
+                "distance_threshold",
+                "MLSD Distance Threshold",
+                0.01,
+                20.0,
+                0.1,
+                0.01,
+            ),
+        ],
+        &["mlsd_large_512_fp32.pth"],
+    ),
+    net("softedge_hed", &["hed"], RES, &[], HED),
+    net("softedge_hedsafe", &["hed_safe"], RES, &[], HED),
+    net("softedge_pidinet", &["pidinet"], RES, &[], PIDI),
+    net("softedge_pidisafe", &["pidinet_safe"], RES, &[], PIDI),
+    net("scribble_hed", &[], RES, &[], HED),
+    net("scribble_pidinet", &["pidinet_scribble"], RES, &[], PIDI),
+    net("openpose", &[], RES, &[], POSE),
+    net("openpose_hand", &[], RES, &[], POSE),
+    net("openpose_face", &[], RES, &[], POSE),
+    net("openpose_faceonly", &[], RES, &[], POSE),
+    net("openpose_full", &[], RES, &[], POSE),
+    net(
+        "depth_midas",
+        &["depth"],
+        RES,
+        &[],
+        &["dpt_hybrid-midas-501f0c75.pt"],
+    ),
+    net("depth_leres", &[], RES, LERES, &["res101.pth"]),
+    net(
+        "depth_leres++",
+        &[],
+        RES,
+        LERES,
+        &["res101.pth", "latest_net_G.pth"],
+    ),
+    net("depth_zoe", &[], RES, &[], &["ZoeD_M12_N.pt"]),
+    net(
+        "depth_anything",
+        &[],
+        RES,
+        &[],
+        &["depth_anything_vitl14.pth"],
+    ),
+    net("normal_bae", &[], RES, &[], &["scannet.pt"]),
+    net(
+        "normal_midas",
+        &["normal_map"],
+        RES,
+        &[p(
+            "background_threshold",
+            "Normal Background Threshold",
+            0.0,
+            1.0,
+            0.4,
+            0.01,
+        )],
+        &["dpt_hybrid-midas-501f0c75.pt"],
+    ),
+    net(
+        "lineart_realistic",
+        &["lineart"],
+        RES,
+        &[],
+        &["sk_model.pth"],
+    ),
+    net("lineart_coarse", &[], RES, &[], &["sk_model2.pth"]),
+    net("lineart_anime", &[], RES, &[], &["netG.pth"]),
+    net("lineart_anime_denoise", &[], RES, &[], &["erika.pth"]),
+    net(
+        "seg_ofade20k",
+        &["oneformer_ade20k"],
+        RES,
+        &[],
+        &["250_16_swin_l_oneformer_ade20k_160k.pth"],
+    ),
+    net(
+        "seg_ofcoco",
+        &["oneformer_coco"],
+        RES,
+        &[],
+        &["150_16_swin_l_oneformer_coco_100ep.pth"],
+    ),
+    net(
+        "seg_ufade20k",
+        &["segmentation"],
+        RES,
+        &[],
+        &["upernet_global_small.pth"],
+    ),
+];
+
+/// Every preprocessor, weight-free ones first.
+pub fn list() -> &'static [Preprocessor] {
+    PREPROCESSORS
+}
+
+/// The preprocessor called `name` (its A1111 module name or an alias), case-sensitive as in
+/// A1111 except that `None` is accepted for `none`.
+pub fn find(name: &str) -> Option<&'static Preprocessor> {
+    PREPROCESSORS
+        .iter()
+        .find(|p| p.name == name || p.aliases.contains(&name))
+}
+
+fn bad(name: &str, value: f64, reason: impl Into<String>) -> AnnotatorError {
+    AnnotatorError::BadParam {
+        name: name.to_string(),
+        value,
+        reason: reason.into(),
+    }
+}
+
+fn check_value(spec: &ParamSpec, v: f64) -> Result<f64, AnnotatorError> {
+    if !v.is_finite() {
+        return Err(bad(spec.name, v, "not a finite number"));
+    }
+    if v < spec.min || v > spec.max {
+        return Err(bad(
+            spec.name,
+            v,
+            format!("out of range {}..={}", spec.min, spec.max),
+        ));
+    }
+    Ok(v)
+}
+
+/// The validated value of every parameter of `pre` (defaults filled in), in `pre.params` order.
+pub fn resolve_params(pre: &Preprocessor, params: &Params) -> Result<Vec<f64>, AnnotatorError> {
+    for (k, &v) in params {
+        if !pre.params.iter().any(|s| s.name == k) {
+            let accepted: Vec<&str> = pre.params.iter().map(|s| s.name).collect();
+            return Err(bad(
+                k,
+                v,
+                format!(
+                    "unknown parameter for {}; accepted: [{}]",
+                    pre.name,
+                    accepted.join(", ")
+                ),
+            ));
+        }
+    }
+    pre.params
+        .iter()
+        .map(|s| match params.get(s.name) {
+            Some(&v) => check_value(s, v),
+            None => Ok(s.default),
+        })
+        .collect()
+}
+
+/// Runs preprocessor `name` on `image` and returns the hint image (RGB, at the detect size; see
+/// the crate docs). `resolution` is the detect resolution (`processor_res`), ignored by
+/// preprocessors without one; `seed` is used only by `shuffle`.
+pub fn run(
+    name: &str,
+    image: &RgbImage,
+    resolution: u32,
+    params: &Params,
+    seed: u64,
+) -> Result<RgbImage, AnnotatorError> {
+    let pre = find(name).ok_or_else(|| AnnotatorError::UnknownPreprocessor(name.to_string()))?;
+    let values = resolve_params(pre, params)?;
+    if let Some(spec) = &pre.resolution {
+        check_value(spec, resolution as f64)?;
+    }
+    if !pre.model_free {
+        return Err(AnnotatorError::NeedsWeights(pre.name.to_string()));
+    }
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return Err(AnnotatorError::EmptyImage {
+            width: w,
+            height: h,
+        });
+    }
+    if w as u64 * h as u64 > MAX_INPUT_PIXELS {
+        return Err(AnnotatorError::ImageTooLarge {
+            width: w,
+            height: h,
+            reason: format!("more than {MAX_INPUT_PIXELS} pixels"),
+        });
+    }
+    if pre.resolution.is_some() {
+        let (dw, dh, _) = ops::detect_size(w, h, resolution);
+        if dw.max(dh) > MAX_DETECT_SIDE {
+            return Err(AnnotatorError::ImageTooLarge {
+                width: w,
+                height: h,
+                reason: format!(
+                    "at resolution {resolution} the detect image would be {dw}x{dh}, \
+                     over {MAX_DETECT_SIDE} px on a side"
+                ),
+            });
+        }
+    }
+    let detect = || ops::resize_image(image, resolution);
+    Ok(match pre.name {
+        "none" => image.clone(),
+        "canny" => preprocess::canny(&detect(), values[0], values[1]),
+        "invert" => preprocess::invert(image),
+        "tile_resample" => preprocess::tile_resample(image, values[0]),
+        "shuffle" => preprocess::shuffle(&detect(), seed),
+        "scribble_xdog" => preprocess::scribble_xdog(&detect(), values[0]),
+        "lineart_standard" => preprocess::lineart_standard(&detect()),
+        other => unreachable!("weight-free preprocessor {other} has no implementation"),
+    })
+}
