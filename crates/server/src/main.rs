@@ -1,5 +1,6 @@
-//! `controlnet-serve`: the command line. `generate` runs one request through the pipeline on
-//! this machine (the HTTP service comes with the server issue).
+//! `controlnet-serve`: the command line. `serve` (the default) runs the HTTP service;
+//! `generate` runs one request through the pipeline on this machine; `openapi` prints the API
+//! description.
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
@@ -20,11 +21,16 @@ use std::sync::Arc;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP service (the default). Settings: config/default.toml, `--config`, CNS_*
+    /// environment variables, then these flags.
+    Serve(server::config::Overrides),
+    /// Print the OpenAPI document (what openapi.yaml holds).
+    Openapi,
     /// Generate images from a prompt (and ControlNet hints), write them as PNG.
     Generate(Box<GenerateArgs>),
 }
@@ -241,9 +247,24 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(overrides: &server::config::Overrides) -> Result<()> {
+    let config = server::config::Config::load(overrides)?;
+    server::init_logging(config.server.log_json);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(server::serve(config))
+}
+
 fn main() -> Result<()> {
     diffusion::runtime::keep_freed_memory();
     match Cli::parse().command {
-        Command::Generate(args) => generate(&args),
+        None => serve(&server::config::Overrides::default()),
+        Some(Command::Serve(overrides)) => serve(&overrides),
+        Some(Command::Openapi) => {
+            print!("{}", server::openapi::yaml());
+            Ok(())
+        }
+        Some(Command::Generate(args)) => generate(&args),
     }
 }

@@ -1,0 +1,573 @@
+//! The native API's types, and a request checked and turned into an engine [`Job`]. Every
+//! refusal names the field. Decoding images and running preprocessors is CPU work: callers run
+//! [`prepare`] on a blocking thread.
+use diffusion::control::ControlMode;
+use diffusion::images::ResizeMode;
+use diffusion::pipeline::{InitImage, Request};
+use diffusion::schedulers::SchedulerKind;
+use engine::{Job, NamedControl, Priority};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use utoipa::ToSchema;
+
+use crate::config::Limits;
+use crate::error::ApiError;
+use crate::images::{self, OutputFormat};
+
+fn d512() -> usize {
+    512
+}
+fn d20() -> usize {
+    20
+}
+fn d_guidance() -> f64 {
+    7.5
+}
+fn d1() -> usize {
+    1
+}
+fn d1f() -> f64 {
+    1.0
+}
+fn d_strength() -> f64 {
+    0.75
+}
+fn d_scheduler() -> String {
+    "unipc".into()
+}
+
+/// How an image is fitted to the generation size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeModeApi {
+    JustResize,
+    #[default]
+    CropAndResize,
+    ResizeAndFill,
+}
+
+impl From<ResizeModeApi> for ResizeMode {
+    fn from(m: ResizeModeApi) -> Self {
+        match m {
+            ResizeModeApi::JustResize => ResizeMode::JustResize,
+            ResizeModeApi::CropAndResize => ResizeMode::CropAndResize,
+            ResizeModeApi::ResizeAndFill => ResizeMode::ResizeAndFill,
+        }
+    }
+}
+
+/// A1111's control modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlModeApi {
+    #[default]
+    Balanced,
+    PromptMoreImportant,
+    ControlnetMoreImportant,
+}
+
+impl From<ControlModeApi> for ControlMode {
+    fn from(m: ControlModeApi) -> Self {
+        match m {
+            ControlModeApi::Balanced => ControlMode::Balanced,
+            ControlModeApi::PromptMoreImportant => ControlMode::PromptMoreImportant,
+            ControlModeApi::ControlnetMoreImportant => ControlMode::ControlNetMoreImportant,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityApi {
+    High,
+    #[default]
+    Normal,
+}
+
+/// One ControlNet of a request.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlRequest {
+    /// Adapter name (see `GET /v1/adapters`).
+    pub adapter: String,
+    /// The control image, base64 (PNG/JPEG/WebP, or a `data:` URL). Used as the hint as is,
+    /// unless `preprocessor` is given.
+    pub image: String,
+    /// A preprocessor to turn `image` into the hint first (see `GET /v1/preprocessors`).
+    #[serde(default)]
+    pub preprocessor: Option<String>,
+    /// The preprocessor's named parameters (defaults for those left out).
+    #[serde(default)]
+    pub params: BTreeMap<String, f64>,
+    /// The preprocessor's detect resolution (default: its own, usually 512).
+    #[serde(default)]
+    pub processor_res: Option<u32>,
+    /// Conditioning scale, 0 to 2.
+    #[serde(default = "d1f")]
+    pub scale: f64,
+    /// Fraction of the steps where this control starts, 0 to 1.
+    #[serde(default)]
+    pub start: f64,
+    /// Fraction of the steps where it ends, `start` to 1.
+    #[serde(default = "d1f")]
+    pub end: f64,
+    /// How the hint is fitted (default: the request's `resize_mode`).
+    #[serde(default)]
+    pub resize_mode: Option<ResizeModeApi>,
+    #[serde(default)]
+    pub control_mode: ControlModeApi,
+}
+
+/// `POST /v1/generate`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// A multiple of 8.
+    #[serde(default = "d512")]
+    pub width: usize,
+    /// A multiple of 8.
+    #[serde(default = "d512")]
+    pub height: usize,
+    #[serde(default = "d20")]
+    pub steps: usize,
+    /// Classifier-free guidance; 1 or less turns it off.
+    #[serde(default = "d_guidance")]
+    pub guidance_scale: f64,
+    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras or unipc.
+    #[serde(default = "d_scheduler")]
+    pub scheduler: String,
+    /// Image k uses seed + k. Absent or -1: random.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default = "d1")]
+    pub num_images: usize,
+    /// Base model name (default: the first; see `GET /v1/models`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// CLIP layers to skip from the end (diffusers' clip_skip).
+    #[serde(default)]
+    pub clip_skip: usize,
+    /// DDIM's eta (0 to 1).
+    #[serde(default)]
+    pub eta: f64,
+    /// img2img: the starting image, base64.
+    #[serde(default)]
+    pub init_image: Option<String>,
+    /// Inpainting: white = repaint, base64; needs `init_image`.
+    #[serde(default)]
+    pub mask: Option<String>,
+    /// img2img: how much of the image to repaint, (0, 1].
+    #[serde(default = "d_strength")]
+    pub strength: f64,
+    #[serde(default)]
+    pub resize_mode: ResizeModeApi,
+    #[serde(default)]
+    pub controls: Vec<ControlRequest>,
+    #[serde(default)]
+    pub output_format: OutputFormat,
+    #[serde(default)]
+    pub priority: PriorityApi,
+    /// Also return each control's hint (after its preprocessor).
+    #[serde(default)]
+    pub return_hints: bool,
+}
+
+/// Time spent, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Timings {
+    /// Decoding and preprocessing the inputs.
+    pub prepare_ms: u64,
+    /// Waiting in the queue.
+    pub queue_ms: u64,
+    /// Denoising and decoding.
+    pub inference_ms: u64,
+    pub total_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    /// Base64 images in `format`.
+    pub images: Vec<String>,
+    pub seeds: Vec<u64>,
+    pub format: OutputFormat,
+    pub timings: Timings,
+    /// The controls' hints (PNG, base64), when `return_hints` was set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hints: Vec<String>,
+}
+
+/// A request checked and ready for the engine.
+pub struct Prepared {
+    pub job: Job,
+    pub hints: Vec<RgbImage>,
+    pub format: OutputFormat,
+}
+
+/// What a request may name: known base models and adapters.
+pub trait Catalog {
+    fn has_model(&self, name: &str) -> bool;
+    fn has_adapter(&self, name: &str) -> bool;
+}
+
+fn check_range(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), ApiError> {
+    if !v.is_finite() || v < lo || v > hi {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must be between {lo} and {hi}, got {v}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the size fields: positive multiples of 8, at least 64, within `limits.max_pixels`.
+pub fn check_size(width: usize, height: usize, limits: &Limits) -> Result<(), ApiError> {
+    for (field, v) in [("width", width), ("height", height)] {
+        if v < 64 || v % 8 != 0 || v > 8192 {
+            return Err(ApiError::invalid(
+                field,
+                format!("{field} must be a multiple of 8 from 64 to 8192, got {v}"),
+            ));
+        }
+    }
+    if width * height > limits.max_pixels {
+        return Err(ApiError::invalid(
+            "width",
+            format!(
+                "{width}×{height} is over the limit of {} pixels",
+                limits.max_pixels
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a preprocessor, errors naming `field` (the control) and the parameter.
+pub fn run_preprocessor(
+    field: &str,
+    name: &str,
+    image: &RgbImage,
+    resolution: Option<u32>,
+    params: &BTreeMap<String, f64>,
+    seed: u64,
+) -> Result<RgbImage, ApiError> {
+    let pre = annotators::find(name).ok_or_else(|| {
+        ApiError::invalid(
+            format!("{field}.preprocessor"),
+            format!("unknown preprocessor `{name}` (see GET /v1/preprocessors)"),
+        )
+    })?;
+    let resolution = resolution.unwrap_or_else(|| pre.default_resolution());
+    annotators::run(name, image, resolution, params, seed).map_err(|e| match &e {
+        annotators::AnnotatorError::BadParam { name: p, .. } if p == "processor_res" => {
+            ApiError::invalid(format!("{field}.processor_res"), e.to_string())
+        }
+        annotators::AnnotatorError::BadParam { name: p, .. } => {
+            ApiError::invalid(format!("{field}.params.{p}"), e.to_string())
+        }
+        annotators::AnnotatorError::NeedsWeights(_) => ApiError::invalid(
+            format!("{field}.preprocessor"),
+            format!("{e}; send an already preprocessed hint instead"),
+        ),
+        _ => ApiError::invalid(format!("{field}.image"), e.to_string()),
+    })
+}
+
+/// Checks `req` against `limits` and what `catalog` knows, decodes its images, runs its
+/// preprocessors, and builds the engine job.
+pub fn prepare(
+    req: GenerateRequest,
+    limits: &Limits,
+    catalog: &dyn Catalog,
+) -> Result<Prepared, ApiError> {
+    for (field, text) in [
+        ("prompt", &req.prompt),
+        ("negative_prompt", &req.negative_prompt),
+    ] {
+        let n = text.chars().count();
+        if n > limits.max_prompt_chars {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "{n} characters, over the limit of {}",
+                    limits.max_prompt_chars
+                ),
+            ));
+        }
+    }
+    check_size(req.width, req.height, limits)?;
+    if req.steps == 0 || req.steps > limits.max_steps {
+        return Err(ApiError::invalid(
+            "steps",
+            format!(
+                "steps must be from 1 to {}, got {}",
+                limits.max_steps, req.steps
+            ),
+        ));
+    }
+    check_range("guidance_scale", req.guidance_scale, 0.0, 50.0)?;
+    if req.num_images == 0 || req.num_images > limits.max_images {
+        return Err(ApiError::invalid(
+            "num_images",
+            format!(
+                "num_images must be from 1 to {}, got {}",
+                limits.max_images, req.num_images
+            ),
+        ));
+    }
+    let scheduler = SchedulerKind::from_str(&req.scheduler).map_err(|_| {
+        ApiError::invalid(
+            "scheduler",
+            format!(
+                "unknown scheduler `{}`; one of {}",
+                req.scheduler,
+                SchedulerKind::ALL.map(|k| k.name()).join(", ")
+            ),
+        )
+    })?;
+    if req.clip_skip > 10 {
+        return Err(ApiError::invalid(
+            "clip_skip",
+            "clip_skip must be from 0 to 10",
+        ));
+    }
+    check_range("eta", req.eta, 0.0, 1.0)?;
+    if let Some(model) = &req.model {
+        if !catalog.has_model(model) {
+            return Err(ApiError::invalid(
+                "model",
+                format!("unknown model `{model}` (see GET /v1/models)"),
+            ));
+        }
+    }
+    if req.controls.len() > limits.max_controls {
+        return Err(ApiError::invalid(
+            "controls",
+            format!(
+                "{} controls, over the limit of {}",
+                req.controls.len(),
+                limits.max_controls
+            ),
+        ));
+    }
+    let seed = match req.seed {
+        None | Some(-1) => rand::random::<u32>() as u64,
+        Some(s) if s >= 0 => s as u64,
+        Some(s) => {
+            return Err(ApiError::invalid(
+                "seed",
+                format!("seed must be ≥ 0 or -1 (random), got {s}"),
+            ))
+        }
+    };
+
+    let init = match &req.init_image {
+        None => {
+            if req.mask.is_some() {
+                return Err(ApiError::invalid("mask", "a mask needs an init_image"));
+            }
+            None
+        }
+        Some(data) => {
+            check_range("strength", req.strength, 0.0, 1.0)?;
+            if req.strength == 0.0 {
+                return Err(ApiError::invalid("strength", "strength must be above 0"));
+            }
+            let image = images::decode_base64("init_image", data, limits.max_input_pixels)?;
+            let mask = match &req.mask {
+                None => None,
+                Some(m) => Some(
+                    image::DynamicImage::ImageRgb8(images::decode_base64(
+                        "mask",
+                        m,
+                        limits.max_input_pixels,
+                    )?)
+                    .to_luma8(),
+                ),
+            };
+            Some(InitImage {
+                image,
+                strength: req.strength,
+                mask,
+                resize: req.resize_mode.into(),
+            })
+        }
+    };
+
+    let mut controls = Vec::with_capacity(req.controls.len());
+    let mut hints = Vec::with_capacity(req.controls.len());
+    for (i, c) in req.controls.iter().enumerate() {
+        let field = format!("controls[{i}]");
+        if !engine::adapters::valid_name(&c.adapter) || !catalog.has_adapter(&c.adapter) {
+            return Err(ApiError::invalid(
+                format!("{field}.adapter"),
+                format!("unknown adapter `{}` (see GET /v1/adapters)", c.adapter),
+            ));
+        }
+        check_range(&format!("{field}.scale"), c.scale, 0.0, 2.0)?;
+        check_range(&format!("{field}.start"), c.start, 0.0, 1.0)?;
+        check_range(&format!("{field}.end"), c.end, c.start, 1.0)?;
+        let image =
+            images::decode_base64(&format!("{field}.image"), &c.image, limits.max_input_pixels)?;
+        let hint = match c.preprocessor.as_deref() {
+            None | Some("none") => {
+                if !c.params.is_empty() {
+                    return Err(ApiError::invalid(
+                        format!("{field}.params"),
+                        "params need a preprocessor",
+                    ));
+                }
+                image
+            }
+            Some(name) => run_preprocessor(&field, name, &image, c.processor_res, &c.params, seed)?,
+        };
+        let mode: ControlMode = c.control_mode.into();
+        controls.push(NamedControl {
+            adapter: c.adapter.clone(),
+            image: hint.clone(),
+            resize: c.resize_mode.unwrap_or(req.resize_mode).into(),
+            scale: c.scale,
+            start: c.start,
+            end: c.end,
+            mode,
+            // The 1.1 inpaint adapter reads masked hint pixels as -1.
+            mask_hint: req.mask.is_some() && c.adapter.contains("inpaint"),
+        });
+        hints.push(hint);
+    }
+
+    let mut request = Request::txt2img(&req.prompt, req.width, req.height);
+    request.negative_prompt = req.negative_prompt;
+    request.steps = req.steps;
+    request.guidance_scale = req.guidance_scale;
+    request.scheduler = scheduler;
+    request.eta = req.eta;
+    request.seed = seed;
+    request.num_images = req.num_images;
+    request.clip_skip = req.clip_skip;
+    request.init = init;
+    let mut job = Job::new(request);
+    job.model = req.model;
+    job.controls = controls;
+    job.priority = match req.priority {
+        PriorityApi::High => Priority::High,
+        PriorityApi::Normal => Priority::Normal,
+    };
+    Ok(Prepared {
+        job,
+        hints: if req.return_hints { hints } else { Vec::new() },
+        format: req.output_format,
+    })
+}
+
+/// `POST /v1/detect`: run a preprocessor alone.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DetectRequest {
+    pub preprocessor: String,
+    /// Base64 image.
+    pub image: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub processor_res: Option<u32>,
+    /// For preprocessors that draw random numbers (shuffle).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DetectResponse {
+    /// PNG, base64.
+    pub image: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A preprocessor parameter, as `GET /v1/preprocessors` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ParamInfo {
+    pub name: String,
+    pub label: String,
+    pub min: f64,
+    pub max: f64,
+    pub default: f64,
+    pub step: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PreprocessorInfo {
+    pub name: String,
+    /// Runs here (false: needs annotator weights this build does not have).
+    pub available: bool,
+    pub default_resolution: u32,
+    pub params: Vec<ParamInfo>,
+}
+
+pub fn preprocessor_list() -> Vec<PreprocessorInfo> {
+    annotators::list()
+        .iter()
+        .map(|p| PreprocessorInfo {
+            name: p.name.into(),
+            available: p.model_free,
+            default_resolution: p.default_resolution(),
+            params: p
+                .params
+                .iter()
+                .map(|s| ParamInfo {
+                    name: s.name.into(),
+                    label: s.label.into(),
+                    min: s.min,
+                    max: s.max,
+                    default: s.default,
+                    step: s.step,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelInfoApi {
+    pub name: String,
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdapterInfoApi {
+    pub name: String,
+    /// A path inside an adapter root, or `embedded:N`.
+    pub source: String,
+    /// Loaded on the device now (else loaded on next use).
+    pub resident: bool,
+    pub bytes: Option<usize>,
+    /// Jobs using it now.
+    pub in_use: usize,
+    pub generation: u64,
+}
+
+impl From<engine::AdapterInfo> for AdapterInfoApi {
+    fn from(a: engine::AdapterInfo) -> Self {
+        Self {
+            name: a.name,
+            source: a.source,
+            resident: a.resident,
+            bytes: a.bytes,
+            in_use: a.in_use,
+            generation: a.generation,
+        }
+    }
+}
+
+/// `PUT /v1/adapters/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutAdapterRequest {
+    /// A ControlNet file or diffusers folder, relative to an adapter root (or absolute inside
+    /// one), or `embedded:N`.
+    pub path: String,
+}

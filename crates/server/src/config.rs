@@ -1,0 +1,252 @@
+//! Service configuration: `config/default.toml` (compiled in), then an optional file, then
+//! `CNS_<SECTION>__<KEY>` environment variables, then command-line flags.
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub engine: EngineSection,
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    pub adapters: AdapterSection,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub max_body_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_pixels: usize,
+    pub max_input_pixels: u64,
+    pub max_steps: usize,
+    pub max_images: usize,
+    pub max_controls: usize,
+    pub max_prompt_chars: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    pub device: String,
+    pub dtype: String,
+    pub max_queue: usize,
+    pub max_batch: usize,
+    pub max_queue_delay_ms: u64,
+    pub prompt_cache: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    pub roots: Vec<PathBuf>,
+    pub budget_bytes: u64,
+    #[serde(default)]
+    pub preload: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub api_keys: Vec<String>,
+    pub admin_keys: Vec<String>,
+}
+
+/// Command-line overrides (the most used settings; the rest through a file or environment).
+#[derive(Debug, Default, Clone, Serialize, clap::Args)]
+pub struct Overrides {
+    /// A TOML file layered over the defaults.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:7860 (port 0 picks a free one).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// A base model (diffusers folder or SD 1.x single file), named after the file; replaces
+    /// the configured list.
+    #[arg(long)]
+    #[serde(skip)]
+    pub model: Option<PathBuf>,
+    /// An adapter root folder (repeatable; replaces the configured roots).
+    #[arg(long)]
+    #[serde(skip)]
+    pub adapter_root: Vec<PathBuf>,
+    #[arg(long)]
+    #[serde(skip)]
+    pub device: Option<String>,
+    #[arg(long)]
+    #[serde(skip)]
+    pub dtype: Option<String>,
+    #[arg(long)]
+    #[serde(skip)]
+    pub max_batch: Option<usize>,
+    #[arg(long)]
+    #[serde(skip)]
+    pub max_queue: Option<usize>,
+    /// A bearer key for generation (repeatable; replaces the configured keys).
+    #[arg(long, env = "CNS_API_KEY")]
+    #[serde(skip)]
+    pub api_key: Vec<String>,
+    /// A bearer key for adapter management (repeatable).
+    #[arg(long, env = "CNS_ADMIN_KEY")]
+    #[serde(skip)]
+    pub admin_key: Vec<String>,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    #[serde(skip)]
+    pub log_json: bool,
+}
+
+impl Config {
+    /// The defaults, then `overrides.config`, then the environment, then the flags.
+    pub fn load(overrides: &Overrides) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = &overrides.config {
+            if !path.is_file() {
+                anyhow::bail!("config file {} not found", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("CNS_")
+                .split("__")
+                .ignore(&["api_key", "admin_key"]),
+        );
+        if let Some(bind) = &overrides.bind {
+            figment = figment.merge(Serialized::default("server.bind", bind));
+        }
+        let mut config: Config = figment.extract()?;
+        if let Some(path) = &overrides.model {
+            config.models = vec![ModelEntry {
+                name: model_name(path),
+                path: path.clone(),
+            }];
+        }
+        if !overrides.adapter_root.is_empty() {
+            config.adapters.roots = overrides.adapter_root.clone();
+        }
+        if let Some(d) = &overrides.device {
+            config.engine.device = d.clone();
+        }
+        if let Some(d) = &overrides.dtype {
+            config.engine.dtype = d.clone();
+        }
+        if let Some(n) = overrides.max_batch {
+            config.engine.max_batch = n;
+        }
+        if let Some(n) = overrides.max_queue {
+            config.engine.max_queue = n;
+        }
+        if !overrides.api_key.is_empty() {
+            config.auth.api_keys = overrides.api_key.clone();
+        }
+        if !overrides.admin_key.is_empty() {
+            config.auth.admin_keys = overrides.admin_key.clone();
+        }
+        config.server.log_json |= overrides.log_json;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        if l.max_steps == 0 || l.max_images == 0 || l.max_pixels < 64 * 64 {
+            anyhow::bail!("limits: max_steps and max_images must be ≥ 1, max_pixels ≥ 4096");
+        }
+        if self.engine.max_batch == 0 || self.engine.max_queue == 0 {
+            anyhow::bail!("engine: max_batch and max_queue must be ≥ 1");
+        }
+        if self
+            .auth
+            .api_keys
+            .iter()
+            .chain(&self.auth.admin_keys)
+            .any(|k| k.len() < 8)
+        {
+            anyhow::bail!("auth: keys must be at least 8 characters");
+        }
+        Ok(())
+    }
+}
+
+/// A model's name from its path: the folder or file name without extension.
+pub fn model_name(path: &Path) -> String {
+    let p = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    p.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_layers_override() {
+        let c = Config::load(&Overrides::default()).unwrap();
+        assert_eq!(c.server.bind, "127.0.0.1:7860");
+        assert!(c.models.is_empty());
+        assert_eq!(c.adapters.preload["canny"], "embedded:1");
+        let c = Config::load(&Overrides {
+            bind: Some("0.0.0.0:1".into()),
+            max_batch: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.server.bind.as_str(), c.engine.max_batch),
+            ("0.0.0.0:1", 3)
+        );
+    }
+
+    #[test]
+    fn a_file_layers_over_the_defaults_and_typos_are_errors() {
+        let dir = std::env::temp_dir().join(format!("cns-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[engine]\nmax_queue = 5\n").unwrap();
+        let c = Config::load(&Overrides {
+            config: Some(good),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.engine.max_queue, 5);
+        assert_eq!(c.engine.max_batch, 8, "the rest stays default");
+        let typo = dir.join("typo.toml");
+        std::fs::write(&typo, "[engine]\nmax_qeue = 5\n").unwrap();
+        let err = Config::load(&Overrides {
+            config: Some(typo),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("max_qeue"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
