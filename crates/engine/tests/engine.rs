@@ -413,7 +413,7 @@ async fn deadlines_end_jobs_running_or_waiting() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_idle_worker_holds_a_partial_batch_for_max_queue_delay() {
-    for (delay, batched) in [(Duration::from_millis(600), true), (Duration::ZERO, false)] {
+    for (delay, batched) in [(Duration::from_millis(1500), true), (Duration::ZERO, false)] {
         let engine = Engine::single(
             model(),
             EngineConfig {
@@ -428,7 +428,7 @@ async fn an_idle_worker_holds_a_partial_batch_for_max_queue_delay() {
                     .submit(Job::new(request("p", k, 6, SchedulerKind::Euler)))
                     .unwrap(),
             );
-            std::thread::sleep(Duration::from_millis(60));
+            std::thread::sleep(Duration::from_millis(150));
         }
         for h in handles {
             finish(h).await.unwrap();
