@@ -474,7 +474,7 @@ async fn native_routes() {
     let slow = small(json!({"width": 256, "height": 256, "steps": 150}));
     let calls_before = gauge(&c, &server, "engine_unet_calls").await;
     let quick = Client::builder()
-        .timeout(Duration::from_millis(1500))
+        .timeout(Duration::from_millis(3000))
         .build()
         .unwrap();
     let e = quick
