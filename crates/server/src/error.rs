@@ -15,7 +15,8 @@ pub struct ErrorBody {
     /// What went wrong, for a person.
     pub error: String,
     /// A stable kind: invalid_json, invalid_request, payload_too_large, unauthorized,
-    /// forbidden, not_found, not_acceptable, overloaded, not_ready, timeout, internal.
+    /// forbidden, not_found, method_not_allowed, not_acceptable, overloaded, not_ready,
+    /// timeout, cancelled, internal.
     #[serde(rename = "type")]
     pub kind: String,
     /// The request field at fault (JSON path such as `controls[0].image`), if one is.
@@ -156,6 +157,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                         ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text())
                     }
                 })?;
+        // Every request body is an object; serde would take an array for a struct.
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some_and(|&b| b != b'{')
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok()
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                "the body must be a JSON object",
+            ));
+        }
         parse_json(&bytes).map(ApiJson)
     }
 }
@@ -175,7 +187,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                     format!("the body is not valid JSON: {inner}"),
                 ))
             } else {
-                let field = if path == "." { None } else { Some(path) };
+                let mut field = if path == "." { None } else { Some(path) };
+                // A missing field is reported at its parent: name the field itself.
+                let message = inner.to_string();
+                if let Some(name) = message
+                    .strip_prefix("missing field `")
+                    .and_then(|r| r.split('`').next())
+                {
+                    field = Some(match field {
+                        Some(parent) => format!("{parent}.{name}"),
+                        None => name.to_string(),
+                    });
+                }
                 let mut err = ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "invalid_request",
@@ -217,5 +240,9 @@ mod tests {
         );
         let e = parse_json::<Outer>(br#"{"steps": -1, "controls": []}"#).unwrap_err();
         assert_eq!(e.body.field.as_deref(), Some("steps"));
+        let e = parse_json::<Outer>(br#"{"controls": []}"#).unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("steps"));
+        let e = parse_json::<Outer>(br#"{"steps": 1, "controls": [{}]}"#).unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("controls[0].scale"));
     }
 }

@@ -147,7 +147,7 @@ pub async fn generate_stream(
     let task_state = state.clone();
     let forward = events_tx.clone();
     // Progress → SSE events; ends when the job ends or the client goes.
-    tokio::spawn(async move {
+    let forwarder = tokio::spawn(async move {
         while let Some(p) = progress_rx.recv().await {
             let event = match p {
                 Progress::Queued { position } => SseEvent::default()
@@ -167,6 +167,8 @@ pub async fn generate_stream(
         // The progress sender closes when the forwarder stops, i.e. when the client left:
         // run_job then cancels the job.
         let result = run_job(&task_state, prepared, prepare_ms, Some(progress_tx)).await;
+        // The progress events go first: `done` or `error` is the last event.
+        let _ = forwarder.await;
         let event = match result.and_then(|f| {
             let images = f
                 .images
