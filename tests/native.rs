@@ -714,3 +714,49 @@ async fn graceful_shutdown() {
     let status = server.terminate(Duration::from_secs(20)).expect("exited");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn a_stream_client_leaving_while_queued_cancels_its_job() {
+    let server = Server::start(&["--max-batch", "1"], &[]);
+    let c = Client::new();
+    // One slow job holds the only batch slot.
+    let slow = small(json!({"width": 256, "height": 256, "steps": 150}));
+    let blocker = {
+        let (c, url, body) = (c.clone(), server.url("/v1/generate"), slow.clone());
+        tokio::spawn(async move { c.post(url).json(&body).send().await })
+    };
+    wait_gauge(
+        &c,
+        &server,
+        "engine_running_jobs",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // A stream client queues behind it, hears `queued`, and leaves.
+    let mut r = c
+        .post(server.url("/v1/generate/stream"))
+        .json(&slow)
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    while !seen.contains("event: queued") {
+        let chunk = r.chunk().await.unwrap().expect("the stream ended early");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(gauge(&c, &server, "engine_queue_depth").await, 1.0);
+    drop(r);
+    // It leaves the queue while the blocker still runs (no event was due to reveal it).
+    wait_gauge(
+        &c,
+        &server,
+        "engine_queue_depth",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(gauge(&c, &server, "engine_running_jobs").await, 1.0);
+    blocker.abort();
+    assert_engine_idle(&c, &server).await;
+}

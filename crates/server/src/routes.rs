@@ -148,7 +148,16 @@ pub async fn generate_stream(
     let forward = events_tx.clone();
     // Progress → SSE events; ends when the job ends or the client goes.
     let forwarder = tokio::spawn(async move {
-        while let Some(p) = progress_rx.recv().await {
+        loop {
+            // The stream's receiver goes when the client does: notice it even while the job
+            // waits in the queue and sends nothing.
+            let p = tokio::select! {
+                p = progress_rx.recv() => match p {
+                    Some(p) => p,
+                    None => break,
+                },
+                _ = forward.closed() => break,
+            };
             let event = match p {
                 Progress::Queued { position } => SseEvent::default()
                     .event("queued")
@@ -208,27 +217,10 @@ pub async fn generate_stream(
     Ok(response)
 }
 
-fn sse_stream(
-    mut rx: mpsc::Receiver<SseEvent>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    async_stream(move |tx| async move {
-        while let Some(e) = rx.recv().await {
-            if tx.send(Ok(e)).await.is_err() {
-                break;
-            }
-        }
-    })
-}
-
-/// A stream fed by a task (the receiver side of a channel the task writes to).
-fn async_stream<T: Send + 'static, F, Fut>(f: F) -> impl Stream<Item = T>
-where
-    F: FnOnce(mpsc::Sender<T>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+/// The events as the response body; dropping it (the client left) closes the channel.
+fn sse_stream(rx: mpsc::Receiver<SseEvent>) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    use futures_util::StreamExt;
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
 /// Run a preprocessor alone.
