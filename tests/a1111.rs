@@ -301,6 +301,42 @@ async fn bad_fields_are_named() {
             got.1
         );
     }
+    // Not an object: 422 without a field.
+    let (status, body) = post(&client, &server, "/sdapi/v1/txt2img", json!([1])).await;
+    assert_eq!(
+        (status, body["field"].clone()),
+        (422, Value::Null),
+        "{body}"
+    );
+    // clip_skip is A1111's (1 = none): 11 is over our 10 skipped layers.
+    assert_field_error(
+        post(
+            &client,
+            &server,
+            "/sdapi/v1/txt2img",
+            with("clip_skip", json!(12)),
+        )
+        .await,
+        "clip_skip",
+    );
+    let (status, body) = post(
+        &client,
+        &server,
+        "/sdapi/v1/txt2img",
+        with(
+            "override_settings",
+            json!({"sd_model_checkpoint": "embedded [0123abcd]", "CLIP_stop_at_last_layers": 2}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let info = parse_info(&body);
+    assert_eq!(info["sd_model_name"], json!("embedded"));
+    assert_eq!(info["clip_skip"], json!(2));
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("Clip skip: 2"));
     // Unknown extra fields are fine.
     let (status, body) = post(
         &client,

@@ -240,11 +240,14 @@ fn from_value<T: DeserializeOwned>(value: &Value, prefix: &str) -> Result<T, Api
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = match (prefix.is_empty(), path == ".") {
-            (true, _) => path,
-            (false, true) => prefix.to_string(),
-            (false, false) => format!("{prefix}.{path}"),
+            (true, true) => None,
+            (true, false) => Some(path),
+            (false, true) => Some(prefix.to_string()),
+            (false, false) => Some(format!("{prefix}.{path}")),
         };
-        ApiError::invalid(field, e.into_inner().to_string())
+        let mut err = ApiError::invalid("", e.into_inner().to_string());
+        err.body.field = field;
+        err
     })
 }
 
@@ -699,6 +702,13 @@ async fn generate(
     img2img: bool,
 ) -> Result<Json<A1111Response>, ApiError> {
     state.check_ready()?;
+    if !body.is_object() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "the body must be a JSON object",
+        ));
+    }
     let req: A1111Request = from_value(&body, "")?;
     let s = state.clone();
     let r = req.clone();
