@@ -71,13 +71,20 @@ impl Modify for BearerKeys {
         error::ErrorBody,
         routes::HealthBody,
     )),
-    nest((path = "/", api = a1111::A1111Doc)),
     modifiers(&BearerKeys)
 )]
 pub struct ApiDoc;
 
+/// The whole document: the native API and the A1111-compatible one (merged rather than
+/// nested: a nest under `/` would make `//sdapi/...` paths).
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(a1111::A1111Doc::openapi());
+    doc
+}
+
 pub fn yaml() -> String {
-    ApiDoc::openapi()
+    document()
         .to_yaml()
         .expect("the OpenAPI document serialises")
 }
