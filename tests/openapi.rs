@@ -5,7 +5,6 @@ use common::{png_b64, Server};
 use reqwest::{Client, Method};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use utoipa::OpenApi;
 
 const REGENERATE: &str = "regenerate with `cargo run -p server -- openapi > openapi.yaml`";
 
@@ -15,7 +14,7 @@ fn committed() -> String {
 }
 
 fn document() -> Value {
-    serde_json::to_value(server::openapi::ApiDoc::openapi()).unwrap()
+    serde_json::to_value(server::openapi::document()).unwrap()
 }
 
 const METHODS: [&str; 4] = ["get", "post", "put", "delete"];
