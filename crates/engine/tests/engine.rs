@@ -632,3 +632,61 @@ fn adapters_come_only_from_the_roots() {
     assert_eq!(reg.list().len(), 2);
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn each_base_model_keeps_its_own_jobs() {
+    // Two resident base models: the embedded one, and one whose UNet weights differ (another
+    // seed): a job names its model and gets that model's result, and the two never share a
+    // UNet call.
+    let other = {
+        let mut sd = model();
+        sd.unet = diffusion::unet::UNet2DConditionModel::new(
+            diffusion::embedded::SeededWeights::new(99, false)
+                .var_builder(DType::F32, &Device::Cpu),
+            &diffusion::embedded::unet_config(),
+        )
+        .unwrap();
+        sd
+    };
+    let req = request("a garden", 3, 3, SchedulerKind::Ddim);
+    let (first_ref, other_ref) = (alone(&model(), &req).0, alone(&other, &req).0);
+    assert!(
+        max_abs_diff(&first_ref, &other_ref) > 1e-3,
+        "the models differ"
+    );
+    let registry = AdapterRegistry::new(AdapterSettings {
+        roots: vec![],
+        budget_bytes: None,
+        dtype: DType::F32,
+        device: Device::Cpu,
+    })
+    .unwrap();
+    let engine = Engine::start(
+        vec![("first".into(), model()), ("other".into(), other)],
+        Arc::new(registry),
+        config(8, 8),
+    );
+    assert_eq!(engine.models().len(), 2);
+    let submit = |name: Option<&str>| {
+        let mut job = Job::new(req.clone());
+        job.model = name.map(String::from);
+        engine.submit(job).unwrap()
+    };
+    let (a, b, c) = (submit(None), submit(Some("other")), submit(Some("first")));
+    let (a, b, c) = (
+        finish(a).await.unwrap(),
+        finish(b).await.unwrap(),
+        finish(c).await.unwrap(),
+    );
+    let sd = model();
+    for (name, got, want) in [
+        ("default", &a, &first_ref),
+        ("other", &b, &other_ref),
+        ("first", &c, &first_ref),
+    ] {
+        let d = max_abs_diff(&image_f32(&sd, &got.latents), &image_f32(&sd, want));
+        assert!(d <= 1e-5, "{name}: {d:e}");
+    }
+    // Three jobs of 3 steps on two models: at least two UNet calls per step.
+    assert!(engine.status().steps_run >= 6);
+}
