@@ -151,8 +151,6 @@ impl Worker {
             .running_jobs
             .store(self.running.len(), Ordering::SeqCst);
         self.stats.running_images.store(images, Ordering::SeqCst);
-        metrics::gauge!("engine_running_images").set(images as f64);
-        metrics::gauge!("engine_queue_depth").set(self.queue.depth() as f64);
     }
 
     /// Turns a queued job into a running one (prompt embeddings, initial latents).

@@ -669,22 +669,32 @@ fn rename_field(mut e: ApiError, units: &[UnitSource]) -> ApiError {
     e
 }
 
-fn infotext(req: &A1111Request, c: &Converted, seed: u64, model: &str) -> String {
+/// A1111's one-line summary of an image's settings. `img2img` requests always have an init
+/// image (convert refuses them without one).
+fn infotext(
+    req: &A1111Request,
+    sampler_label: &str,
+    clip_skip: usize,
+    units: &[UnitSource],
+    img2img: bool,
+    seed: u64,
+    model: &str,
+) -> String {
     let mut parts = vec![
         format!("Steps: {}", req.steps),
-        format!("Sampler: {}", c.sampler_label),
+        format!("Sampler: {sampler_label}"),
         format!("CFG scale: {}", req.cfg_scale),
         format!("Seed: {seed}"),
         format!("Size: {}x{}", req.width, req.height),
         format!("Model: {model}"),
     ];
-    if c.native.init_image.is_some() {
+    if img2img {
         parts.push(format!("Denoising strength: {}", req.denoising_strength));
     }
-    if c.clip_skip > 1 {
-        parts.push(format!("Clip skip: {}", c.clip_skip));
+    if clip_skip > 1 {
+        parts.push(format!("Clip skip: {clip_skip}"));
     }
-    for (i, u) in c.units.iter().enumerate() {
+    for (i, u) in units.iter().enumerate() {
         parts.push(format!("ControlNet {i}: \"{}\"", u.summary));
     }
     let mut text = req.prompt.clone();
@@ -711,27 +721,34 @@ async fn generate(
     }
     let req: A1111Request = from_value(&body, "")?;
     let s = state.clone();
-    let r = req.clone();
-    let converted = tokio::task::spawn_blocking(move || convert(&r, img2img, &s))
+    let (converted, req) =
+        tokio::task::spawn_blocking(move || convert(&req, img2img, &s).map(|c| (c, req)))
+            .await
+            .map_err(|e| ApiError::internal(format!("preparing the request: {e}")))??;
+    let Converted {
+        native,
+        units,
+        sampler_label,
+        clip_skip,
+    } = converted;
+    let scheduler = native.scheduler.clone();
+    let (mut prepared, prepare_ms) = crate::routes::prepare(&state, native)
         .await
-        .map_err(|e| ApiError::internal(format!("preparing the request: {e}")))??;
-    let (prepared, prepare_ms) = crate::routes::prepare(&state, converted.native.clone())
-        .await
-        .map_err(|e| rename_field(e, &converted.units))?;
+        .map_err(|e| rename_field(e, &units))?;
     let model = prepared
         .job
         .model
         .clone()
         .or_else(|| state.engine.models().first().map(|m| m.name.clone()))
         .unwrap_or_default();
-    let hints = prepared.hints.clone();
+    let hints = std::mem::take(&mut prepared.hints);
     let finished = run_job(&state, prepared, prepare_ms, None).await?;
     let mut out = Vec::new();
     if req.send_images {
         for image in &finished.images {
             out.push(images::encode_base64(image, OutputFormat::Png)?);
         }
-        for (hint, unit) in hints.iter().zip(&converted.units) {
+        for (hint, unit) in hints.iter().zip(&units) {
             if unit.module.is_some() && unit.save_map {
                 out.push(images::encode_base64(hint, OutputFormat::Png)?);
             }
@@ -752,13 +769,13 @@ async fn generate(
         "subseed_strength": 0,
         "width": req.width,
         "height": req.height,
-        "sampler_name": converted.sampler_label,
-        "scheduler": converted.native.scheduler,
+        "sampler_name": sampler_label,
+        "scheduler": scheduler,
         "cfg_scale": req.cfg_scale,
         "steps": req.steps,
         "batch_size": req.batch_size,
         "n_iter": req.n_iter,
-        "clip_skip": converted.clip_skip,
+        "clip_skip": clip_skip,
         "denoising_strength": if img2img { json!(req.denoising_strength) } else { Value::Null },
         "sd_model_name": model,
         "sd_model_hash": Value::Null,
@@ -766,7 +783,10 @@ async fn generate(
         "styles": [],
         "is_using_inpainting_conditioning": false,
         "index_of_first_image": 0,
-        "infotexts": seeds.iter().map(|s| infotext(&req, &converted, *s, &model)).collect::<Vec<_>>(),
+        "infotexts": seeds
+            .iter()
+            .map(|s| infotext(&req, &sampler_label, clip_skip, &units, img2img, *s, &model))
+            .collect::<Vec<_>>(),
         "timings": finished.timings,
     });
     Ok(Json(A1111Response {
@@ -1102,8 +1122,7 @@ pub async fn detect(
                 let hint = api::run_preprocessor("", pre.name, &image, resolution, &params, 0)
                     .map_err(|mut e| {
                         let f = e.body.field.clone().unwrap_or_default();
-                        let f = f.trim_start_matches('.');
-                        e.body.field = Some(match f {
+                        e.body.field = Some(match f.as_str() {
                             "preprocessor" => "controlnet_module".to_string(),
                             "processor_res" => "controlnet_processor_res".to_string(),
                             "image" => format!("controlnet_input_images[{i}]"),

@@ -246,7 +246,8 @@ pub fn check_size(width: usize, height: usize, limits: &Limits) -> Result<(), Ap
     Ok(())
 }
 
-/// Runs a preprocessor, errors naming `field` (the control) and the parameter.
+/// Runs a preprocessor, errors naming the parameter under `field` (the control, such as
+/// `controls[0]`; empty when the preprocessor's fields are the request's own).
 pub fn run_preprocessor(
     field: &str,
     name: &str,
@@ -255,25 +256,32 @@ pub fn run_preprocessor(
     params: &BTreeMap<String, f64>,
     seed: u64,
 ) -> Result<RgbImage, ApiError> {
+    let at = |name: &str| {
+        if field.is_empty() {
+            name.to_string()
+        } else {
+            format!("{field}.{name}")
+        }
+    };
     let pre = annotators::find(name).ok_or_else(|| {
         ApiError::invalid(
-            format!("{field}.preprocessor"),
+            at("preprocessor"),
             format!("unknown preprocessor `{name}` (see GET /v1/preprocessors)"),
         )
     })?;
     let resolution = resolution.unwrap_or_else(|| pre.default_resolution());
     annotators::run(name, image, resolution, params, seed).map_err(|e| match &e {
         annotators::AnnotatorError::BadParam { name: p, .. } if p == "processor_res" => {
-            ApiError::invalid(format!("{field}.processor_res"), e.to_string())
+            ApiError::invalid(at("processor_res"), e.to_string())
         }
         annotators::AnnotatorError::BadParam { name: p, .. } => {
-            ApiError::invalid(format!("{field}.params.{p}"), e.to_string())
+            ApiError::invalid(at(&format!("params.{p}")), e.to_string())
         }
         annotators::AnnotatorError::NeedsWeights(_) => ApiError::invalid(
-            format!("{field}.preprocessor"),
+            at("preprocessor"),
             format!("{e}; send an already preprocessed hint instead"),
         ),
-        _ => ApiError::invalid(format!("{field}.image"), e.to_string()),
+        _ => ApiError::invalid(at("image"), e.to_string()),
     })
 }
 

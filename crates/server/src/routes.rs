@@ -15,7 +15,7 @@ use crate::api::{
 };
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::images;
-use crate::run::{run_job, Progress};
+use crate::run::{run_job, Finished, Progress};
 use crate::AppState;
 
 /// Decodes and checks a request on a blocking thread (images, preprocessors).
@@ -80,9 +80,9 @@ pub async fn generate(
             _ => images::OutputFormat::Png,
         };
     }
-    let (prepared, prepare_ms) = prepare(&state, req).await?;
+    let (mut prepared, prepare_ms) = prepare(&state, req).await?;
     let format = prepared.format;
-    let hints = prepared.hints.clone();
+    let hints = std::mem::take(&mut prepared.hints);
     let finished = run_job(&state, prepared, prepare_ms, None).await?;
     if raw.is_some() {
         let bytes = images::encode(&finished.images[0], format)?;
@@ -98,23 +98,27 @@ pub async fn generate(
         )
             .into_response());
     }
-    let encoded = finished
-        .images
-        .iter()
-        .map(|i| images::encode_base64(i, format))
-        .collect::<Result<Vec<_>, _>>()?;
-    let hints = hints
-        .iter()
-        .map(|h| images::encode_base64(h, images::OutputFormat::Png))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(GenerateResponse {
-        images: encoded,
+    Ok(Json(response(finished, format, &hints)?).into_response())
+}
+
+/// The JSON answer: images in `format`, hints as PNG, both base64.
+fn response(
+    finished: Finished,
+    format: images::OutputFormat,
+    hints: &[image::RgbImage],
+) -> Result<GenerateResponse, ApiError> {
+    let encode = |all: &[image::RgbImage], f| {
+        all.iter()
+            .map(|i| images::encode_base64(i, f))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(GenerateResponse {
+        images: encode(&finished.images, format)?,
+        hints: encode(hints, images::OutputFormat::Png)?,
         seeds: finished.seeds,
         format,
         timings: finished.timings,
-        hints,
     })
-    .into_response())
 }
 
 /// Generate with progress as server-sent events: `queued` {position}, `started`, `step`
@@ -139,11 +143,11 @@ pub async fn generate_stream(
 ) -> Result<Response, ApiError> {
     state.check_ready()?;
     // Bad input is a plain 4xx before the stream starts.
-    let (prepared, prepare_ms) = prepare(&state, req).await?;
+    let (mut prepared, prepare_ms) = prepare(&state, req).await?;
     let (events_tx, events_rx) = mpsc::channel::<SseEvent>(64);
     let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(64);
     let format = prepared.format;
-    let hints = prepared.hints.clone();
+    let hints = std::mem::take(&mut prepared.hints);
     let task_state = state.clone();
     let forward = events_tx.clone();
     // Progress → SSE events; ends when the job ends or the client goes.
@@ -178,24 +182,7 @@ pub async fn generate_stream(
         let result = run_job(&task_state, prepared, prepare_ms, Some(progress_tx)).await;
         // The progress events go first: `done` or `error` is the last event.
         let _ = forwarder.await;
-        let event = match result.and_then(|f| {
-            let images = f
-                .images
-                .iter()
-                .map(|i| images::encode_base64(i, format))
-                .collect::<Result<Vec<_>, _>>()?;
-            let hints = hints
-                .iter()
-                .map(|h| images::encode_base64(h, images::OutputFormat::Png))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(GenerateResponse {
-                images,
-                seeds: f.seeds,
-                format,
-                timings: f.timings,
-                hints,
-            })
-        }) {
+        let event = match result.and_then(|f| response(f, format, &hints)) {
             Ok(done) => SseEvent::default()
                 .event("done")
                 .data(serde_json::to_string(&done).unwrap_or_default()),
@@ -250,13 +237,6 @@ pub async fn detect(
             &req.params,
             req.seed,
         )
-        .map_err(|mut e| {
-            // Fields of this request are at the top level.
-            if let Some(f) = &e.body.field {
-                e.body.field = Some(f.trim_start_matches('.').to_string());
-            }
-            e
-        })
     })
     .await
     .map_err(|e| ApiError::internal(format!("preprocessing: {e}")))??;
