@@ -16,7 +16,7 @@ use crate::{Error, Result};
 
 enum Store {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
-    Pth(candle_core::pickle::PthTensors),
+    Torch(crate::torch_pickle::TorchFile),
 }
 
 /// Where a model tensor is stored in a file of another layout.
@@ -44,13 +44,12 @@ pub struct WeightFile {
     store: Store,
     /// diffusers name -> stored tensor, and the layout's name, for files in another layout.
     renames: Option<(HashMap<String, StoredTensor>, &'static str)>,
-    /// A rewritten copy of a torch pickle that the reader reads instead (see `torch_zip`).
-    _copy: Option<torch_zip::TempCopy>,
 }
 
 impl WeightFile {
-    /// Opens `.safetensors` by mmap, and `.pth`/`.pt`/`.ckpt`/`.bin` with candle's pickle reader
-    /// (a plain state dict, or one wrapped under `state_dict`).
+    /// Opens `.safetensors` by mmap, and `.pth`/`.pt`/`.ckpt`/`.bin` with
+    /// [`crate::torch_pickle`] (zip or legacy torch format; a plain state dict or one nested
+    /// under `state_dict`/`model`, `module.` dropped; tensors read when asked for).
     pub fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::Weights(format!(
@@ -72,22 +71,7 @@ impl WeightFile {
                 Store::Safetensors(st)
             }
             "pth" | "pt" | "ckpt" | "bin" => {
-                let (pth, copy) = match open_pickle(path) {
-                    Ok(pth) => (pth, None),
-                    // The zip reader under candle (zip >= 9.1) rejects archives that carry a
-                    // zip64 end-of-directory record, which torch writes into every file. When
-                    // that record is redundant, read a copy without it.
-                    Err(first) => match torch_zip::without_redundant_zip64(path)? {
-                        Some(copy) => (open_pickle(copy.path())?, Some(copy)),
-                        None => return Err(first),
-                    },
-                };
-                return Ok(Self {
-                    path: path.to_path_buf(),
-                    store: Store::Pth(pth),
-                    renames: None,
-                    _copy: copy,
-                });
+                Store::Torch(crate::torch_pickle::TorchFile::open(path)?)
             }
             _ => {
                 return Err(Error::Weights(format!(
@@ -100,19 +84,29 @@ impl WeightFile {
             path: path.to_path_buf(),
             store,
             renames: None,
-            _copy: None,
         })
+    }
+
+    /// Wraps an opened torch checkpoint, e.g. one opened at an explicit nesting path with
+    /// [`crate::torch_pickle::TorchFile::open_under`].
+    pub fn from_torch(file: crate::torch_pickle::TorchFile) -> Self {
+        Self {
+            path: file.path().to_path_buf(),
+            store: Store::Torch(file),
+            renames: None,
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Keys as stored in the file.
+    /// Keys as stored in the file (for a torch pickle: of the state dict found in it, without
+    /// a `module.` prefix).
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = match &self.store {
             Store::Safetensors(st) => st.tensors().into_iter().map(|(k, _)| k).collect(),
-            Store::Pth(p) => p.tensor_infos().keys().cloned().collect(),
+            Store::Torch(t) => t.keys(),
         };
         keys.sort();
         keys
@@ -122,10 +116,7 @@ impl WeightFile {
     pub fn stored_shape(&self, key: &str) -> Option<Vec<usize>> {
         match &self.store {
             Store::Safetensors(st) => st.get(key).ok().map(|v| v.shape().to_vec()),
-            Store::Pth(p) => p
-                .tensor_infos()
-                .get(key)
-                .map(|i| i.layout.shape().dims().to_vec()),
+            Store::Torch(t) => t.shape(key).map(<[usize]>::to_vec),
         }
     }
 
@@ -192,9 +183,10 @@ impl WeightFile {
                 }
                 st.load(key, device)?
             }
-            Store::Pth(p) => match p.get(key)? {
-                Some(t) => t.to_device(device)?,
-                None => return Err(self.missing(name)),
+            Store::Torch(t) => match t.get(key) {
+                Ok(Some(t)) => t.to_device(device)?,
+                Ok(None) => return Err(self.missing(name)),
+                Err(e) => return Err(candle_core::Error::Msg(e.to_string())),
             },
         };
         if self.conv_as_linear(name) {
@@ -204,115 +196,6 @@ impl WeightFile {
             }
         }
         Ok(tensor)
-    }
-}
-
-/// A torch pickle: a plain state dict, or one wrapped under `state_dict`.
-fn open_pickle(path: &Path) -> Result<candle_core::pickle::PthTensors> {
-    let open = |key| {
-        candle_core::pickle::PthTensors::new(path, key)
-            .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))
-    };
-    let plain = open(None)?;
-    if plain.tensor_infos().is_empty() {
-        open(Some("state_dict"))
-    } else {
-        Ok(plain)
-    }
-}
-
-mod torch_zip {
-    //! torch's zip writer ends every archive with a zip64 end-of-central-directory record and
-    //! locator, even when the classic record holds every value. The `zip` crate from 9.1 on
-    //! fails to open such archives ("Invalid Central Directory header"). When the classic
-    //! record is complete (under 4 GiB of directory offsets, under 65535 entries) the zip64
-    //! record says nothing more, and an archive without it is the same archive: the central
-    //! directory and every entry keep their offsets because they all precede it.
-    use std::fs::File;
-    use std::io::{Read, Seek, SeekFrom, Write};
-    use std::path::{Path, PathBuf};
-
-    use crate::{Error, Result};
-
-    const EOCD: [u8; 4] = *b"PK\x05\x06";
-    const EOCD64: [u8; 4] = *b"PK\x06\x06";
-    const LOCATOR64: [u8; 4] = *b"PK\x06\x07";
-
-    /// A file in the temp directory, removed on drop.
-    pub struct TempCopy(PathBuf);
-
-    impl TempCopy {
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempCopy {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
-    fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-        move |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-
-    /// Where the zip64 record starts and the classic record starts, when the zip64 one is
-    /// redundant. `tail` is the end of the file, `tail_start` its offset.
-    pub(super) fn redundant_zip64(tail: &[u8], tail_start: u64) -> Option<(u64, u64)> {
-        let eocd = tail.windows(4).rposition(|w| w == EOCD)?;
-        let rec = tail.get(eocd..eocd + 22)?;
-        let u16_at = |i: usize| u16::from_le_bytes([rec[i], rec[i + 1]]);
-        let u32_at = |i: usize| u32::from_le_bytes(rec[i..i + 4].try_into().unwrap());
-        // Saturated classic fields mean the zip64 record carries the real values.
-        if u16_at(8) == 0xFFFF
-            || u16_at(10) == 0xFFFF
-            || u32_at(12) == u32::MAX
-            || u32_at(16) == u32::MAX
-        {
-            return None;
-        }
-        let locator = eocd.checked_sub(20)?;
-        if tail[locator..locator + 4] != LOCATOR64 {
-            return None;
-        }
-        let eocd64 = u64::from_le_bytes(tail[locator + 8..locator + 16].try_into().unwrap());
-        let eocd64_in_tail = usize::try_from(eocd64.checked_sub(tail_start)?).ok()?;
-        if tail.get(eocd64_in_tail..eocd64_in_tail + 4)? != EOCD64 {
-            return None;
-        }
-        Some((eocd64, tail_start + eocd as u64))
-    }
-
-    /// A copy of `path` without its zip64 end records, or `None` if they are not redundant.
-    pub fn without_redundant_zip64(path: &Path) -> Result<Option<TempCopy>> {
-        let mut file = File::open(path).map_err(io(path))?;
-        let len = file.metadata().map_err(io(path))?.len();
-        // The end records plus the largest possible archive comment.
-        let tail_len = len.min(64 * 1024 + 128);
-        let tail_start = len - tail_len;
-        let mut tail = vec![0; tail_len as usize];
-        file.seek(SeekFrom::Start(tail_start)).map_err(io(path))?;
-        file.read_exact(&mut tail).map_err(io(path))?;
-        let Some((cut_from, resume_at)) = redundant_zip64(&tail, tail_start) else {
-            return Ok(None);
-        };
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let copy = TempCopy(std::env::temp_dir().join(format!(
-            "controlnet-serve-{}-{}.pth",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )));
-        let mut out = File::create(copy.path()).map_err(io(copy.path()))?;
-        file.seek(SeekFrom::Start(0)).map_err(io(path))?;
-        std::io::copy(&mut (&mut file).take(cut_from), &mut out).map_err(io(copy.path()))?;
-        out.write_all(&tail[(resume_at - tail_start) as usize..])
-            .map_err(io(copy.path()))?;
-        Ok(Some(copy))
     }
 }
 
@@ -453,45 +336,5 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         other => Err(Error::Config(format!(
             "unknown dtype {other:?} (expected f32, f16 or bf16)"
         ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::torch_zip::redundant_zip64;
-
-    /// zip64 end record (56 bytes) at `at`, its locator, and a classic end record.
-    fn tail(at: u64, entries: u16, cd_offset: u32) -> Vec<u8> {
-        let mut t = Vec::new();
-        t.extend(b"PK\x06\x06");
-        t.extend([0u8; 52]);
-        t.extend(b"PK\x06\x07");
-        t.extend(0u32.to_le_bytes());
-        t.extend(at.to_le_bytes());
-        t.extend(1u32.to_le_bytes());
-        t.extend(b"PK\x05\x06");
-        t.extend([0u8; 4]);
-        t.extend(entries.to_le_bytes());
-        t.extend(entries.to_le_bytes());
-        t.extend(100u32.to_le_bytes());
-        t.extend(cd_offset.to_le_bytes());
-        t.extend(0u16.to_le_bytes());
-        t
-    }
-
-    #[test]
-    fn zip64_records_are_cut_only_when_redundant() {
-        // As torch writes it: complete classic record, zip64 record right after the directory.
-        assert_eq!(
-            redundant_zip64(&tail(1000, 3, 900), 1000),
-            Some((1000, 1076))
-        );
-        // Saturated classic fields: the zip64 record holds the real values.
-        assert_eq!(redundant_zip64(&tail(1000, 0xFFFF, 900), 1000), None);
-        assert_eq!(redundant_zip64(&tail(1000, 3, u32::MAX), 1000), None);
-        // A locator pointing elsewhere than a zip64 record.
-        assert_eq!(redundant_zip64(&tail(1004, 3, 900), 1000), None);
-        // No zip64 records at all.
-        assert_eq!(redundant_zip64(&tail(1000, 3, 900)[76..], 1076), None);
     }
 }
