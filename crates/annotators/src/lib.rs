@@ -51,7 +51,9 @@ use std::collections::BTreeMap;
 
 use image::RgbImage;
 
+pub mod lines;
 pub mod ops;
+pub mod post;
 pub mod preprocess;
 
 /// Smallest accepted detect resolution (A1111's slider minimum).
@@ -80,8 +82,15 @@ pub struct ParamSpec {
     pub step: f64,
 }
 
-/// A preprocessor as listed in `/controlnet/module_list`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// How a weight-free preprocessor runs: on the image at its detect size (or at the input size
+/// for those without a resolution), with its validated parameters in [`Preprocessor::params`]
+/// order, and the request's seed.
+pub type FreeRun = fn(&RgbImage, &[f64], u64) -> RgbImage;
+
+/// A preprocessor as listed in `/controlnet/module_list`: its spec, and for weight-free ones the
+/// function that runs it. Those that need a network (`free_run: None`) are run by the engine,
+/// which owns the device and the loaded networks; this crate only validates their requests.
+#[derive(Clone, Copy, Debug)]
 pub struct Preprocessor {
     /// A1111 module name.
     pub name: &'static str,
@@ -96,6 +105,8 @@ pub struct Preprocessor {
     /// Annotator weight files it needs, named as the A1111 extension / controlnet_aux download
     /// them (mostly from lllyasviel/Annotators); empty if `model_free`.
     pub weights: &'static [&'static str],
+    /// The implementation of a weight-free preprocessor (`Some` exactly when `model_free`).
+    pub free_run: Option<FreeRun>,
 }
 
 impl Preprocessor {
@@ -128,8 +139,19 @@ pub enum AnnotatorError {
         value: f64,
         reason: String,
     },
+    /// A preprocessor that needs a network, asked of the pure-CPU [`run`] (the engine runs those).
     #[error("preprocessor {0:?} needs annotator weights that are not available")]
     NeedsWeights(String),
+    /// The annotator weight file a preprocessor needs is not in the configured folder.
+    #[error("preprocessor {preprocessor:?} needs the annotator weight file {file} (or its .safetensors), not found in {folder}")]
+    MissingWeights {
+        preprocessor: String,
+        file: String,
+        folder: String,
+    },
+    /// A listed preprocessor whose network this build does not implement yet.
+    #[error("preprocessor {0:?} is not implemented yet; send an already preprocessed hint (preprocessor none)")]
+    NotImplemented(String),
     #[error("empty image ({width}x{height})")]
     EmptyImage { width: u32, height: u32 },
     #[error("image too large ({width}x{height}): {reason}")]
@@ -167,12 +189,13 @@ const RES: Option<ParamSpec> = Some(p(
     1.0,
 ));
 
-/// A weight-free preprocessor.
+/// A weight-free preprocessor and its implementation.
 const fn free(
     name: &'static str,
     aliases: &'static [&'static str],
     resolution: Option<ParamSpec>,
     params: &'static [ParamSpec],
+    run: FreeRun,
 ) -> Preprocessor {
     Preprocessor {
         name,
@@ -181,6 +204,7 @@ const fn free(
         resolution,
         params,
         weights: &[],
+        free_run: Some(run),
     }
 }
 
@@ -199,6 +223,7 @@ const fn net(
         resolution,
         params,
         weights,
+        free_run: None,
     }
 }
 
@@ -218,7 +243,7 @@ const LERES: &[ParamSpec] = &[
 ];
 
 static PREPROCESSORS: &[Preprocessor] = &[
-    free("none", &["None"], None, &[]),
+    free("none", &["None"], None, &[], |img, _, _| img.clone()),
     free(
         "canny",
         &[],
@@ -241,8 +266,11 @@ static PREPROCESSORS: &[Preprocessor] = &[
                 1.0,
             ),
         ],
+        |img, v, _| preprocess::canny(img, v[0], v[1]),
     ),
-    free("invert", &[], None, &[]),
+    free("invert", &[], None, &[], |img, _, _| {
+        preprocess::invert(img)
+    }),
     free(
         "tile_resample",
         &[],
@@ -255,15 +283,21 @@ static PREPROCESSORS: &[Preprocessor] = &[
             1.0,
             0.01,
         )],
+        |img, v, _| preprocess::tile_resample(img, v[0]),
     ),
-    free("shuffle", &[], RES, &[]),
+    free("shuffle", &[], RES, &[], |img, _, seed| {
+        preprocess::shuffle(img, seed)
+    }),
     free(
         "scribble_xdog",
         &[],
         RES,
         &[p("threshold", "XDoG Threshold", 1.0, 64.0, 32.0, 1.0)],
+        |img, v, _| preprocess::scribble_xdog(img, v[0]),
     ),
-    free("lineart_standard", &[], RES, &[]),
+    free("lineart_standard", &[], RES, &[], |img, _, _| {
+        preprocess::lineart_standard(img)
+    }),
     net(
         "mlsd",
         &[],
@@ -430,23 +464,42 @@ pub fn resolve_params(pre: &Preprocessor, params: &Params) -> Result<Vec<f64>, A
         .collect()
 }
 
-/// Runs preprocessor `name` on `image` and returns the hint image (RGB, at the detect size; see
-/// the crate docs). `resolution` is the detect resolution (`processor_res`), ignored by
-/// preprocessors without one; `seed` is used only by `shuffle`.
-pub fn run(
+/// A request for one preprocessor that passed every check: the image size, the detect
+/// resolution and the parameters (defaults filled in, in [`Preprocessor::params`] order).
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub pre: &'static Preprocessor,
+    pub values: Vec<f64>,
+    /// The detect resolution (meaningful only when `pre.resolution` is `Some`).
+    pub resolution: u32,
+}
+
+impl Checked {
+    /// The image the preprocessor works on: resized to the detect size (controlnet_aux's
+    /// `resize_image`) for those with a resolution, the input itself for the others.
+    pub fn input(&self, image: &RgbImage) -> RgbImage {
+        if self.pre.resolution.is_some() {
+            ops::resize_image(image, self.resolution)
+        } else {
+            image.clone()
+        }
+    }
+}
+
+/// Checks a request for preprocessor `name` (a module name or alias) on `image`: known name,
+/// parameters, resolution (`None`: the preprocessor's default) and image size. Weight-free or
+/// not, every preprocessor is checked here, before anything runs.
+pub fn check(
     name: &str,
     image: &RgbImage,
-    resolution: u32,
+    resolution: Option<u32>,
     params: &Params,
-    seed: u64,
-) -> Result<RgbImage, AnnotatorError> {
+) -> Result<Checked, AnnotatorError> {
     let pre = find(name).ok_or_else(|| AnnotatorError::UnknownPreprocessor(name.to_string()))?;
+    let resolution = resolution.unwrap_or_else(|| pre.default_resolution());
     let values = resolve_params(pre, params)?;
     if let Some(spec) = &pre.resolution {
         check_value(spec, resolution as f64)?;
-    }
-    if !pre.model_free {
-        return Err(AnnotatorError::NeedsWeights(pre.name.to_string()));
     }
     let (w, h) = image.dimensions();
     if w == 0 || h == 0 {
@@ -475,15 +528,28 @@ pub fn run(
             });
         }
     }
-    let detect = || ops::resize_image(image, resolution);
-    Ok(match pre.name {
-        "none" => image.clone(),
-        "canny" => preprocess::canny(&detect(), values[0], values[1]),
-        "invert" => preprocess::invert(image),
-        "tile_resample" => preprocess::tile_resample(image, values[0]),
-        "shuffle" => preprocess::shuffle(&detect(), seed),
-        "scribble_xdog" => preprocess::scribble_xdog(&detect(), values[0]),
-        "lineart_standard" => preprocess::lineart_standard(&detect()),
-        other => unreachable!("weight-free preprocessor {other} has no implementation"),
+    Ok(Checked {
+        pre,
+        values,
+        resolution,
     })
+}
+
+/// Runs weight-free preprocessor `name` on `image` and returns the hint image (RGB, at the
+/// detect size; see the crate docs). `resolution` is the detect resolution (`processor_res`),
+/// ignored by preprocessors without one; `seed` is used only by `shuffle`. A preprocessor that
+/// needs a network is [`AnnotatorError::NeedsWeights`] here: the engine runs those.
+pub fn run(
+    name: &str,
+    image: &RgbImage,
+    resolution: u32,
+    params: &Params,
+    seed: u64,
+) -> Result<RgbImage, AnnotatorError> {
+    let checked = check(name, image, Some(resolution), params)?;
+    let run = checked
+        .pre
+        .free_run
+        .ok_or_else(|| AnnotatorError::NeedsWeights(checked.pre.name.to_string()))?;
+    Ok(run(&checked.input(image), &checked.values, seed))
 }
