@@ -1,0 +1,216 @@
+//! Formula weights: every annotator network filled with values that are a pure function of
+//! (tensor name, index), computed the same way here and in `tools/parity/neural/formula.py`.
+//!
+//! Real annotator weights cannot be downloaded where the tests run, so the parity fixtures hold
+//! only inputs and the reference's outputs; both sides regenerate the weights from this formula.
+//! The tests also write these weights into real `.pth` containers and load them back through
+//! the same loader users' files go through.
+//!
+//! For tensor `key` (its name in the reference's `state_dict`, without `module.` prefixes) and
+//! flat index `i`:
+//!
+//! ```text
+//! x = splitmix64(fnv1a64(key) + i * 0x9E3779B97F4A7C15)        (wrapping u64 arithmetic)
+//! u = (x >> 40) * 2^-23 - 1                                     (in [-1, 1), 24 bits)
+//! v = 1 + 0.25 u         for `*running_var`
+//!     0.1 u              for `*running_mean`
+//!     1 + 0.1 u          for other tensors of rank ≤ 1 named `*weight` (norm scales)
+//!     0.1 u              for other tensors of rank ≤ 1 (biases)
+//!     u sqrt(6 / fan_in) otherwise (fan_in = product of the dims after the first)
+//! value = f16(v) as f32   (rounded to nearest even, so f16 files hold the same values)
+//! ```
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+/// FNV-1a, 64 bit.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// SplitMix64's output function applied to `z` (after its increment).
+pub fn splitmix64(z: u64) -> u64 {
+    let mut z = z.wrapping_add(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+/// The values of tensor `key` with `shape`, row-major.
+pub fn values(key: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let h = fnv1a64(key.as_bytes());
+    let rank1 = shape.len() <= 1;
+    let fan_in: usize = shape.iter().skip(1).product();
+    let (offset, scale) = if key.ends_with("running_var") {
+        (1.0, 0.25)
+    } else if key.ends_with("running_mean") {
+        (0.0, 0.1)
+    } else if rank1 && key.ends_with("weight") {
+        (1.0, 0.1)
+    } else if rank1 {
+        (0.0, 0.1)
+    } else {
+        (0.0, (6.0 / fan_in.max(1) as f64).sqrt())
+    };
+    (0..n as u64)
+        .map(|i| {
+            let x = splitmix64(h.wrapping_add(i.wrapping_mul(0x9E3779B97F4A7C15)));
+            let u = (x >> 40) as f64 * (2.0f64).powi(-23) - 1.0;
+            f16_nearest(offset + scale * u)
+        })
+        .collect()
+}
+
+/// `v` rounded once to the nearest f16 (ties to even), as f32. Not `half::f16::from_f64`: on
+/// x86 with F16C that converts through f32, rounding twice, and about one value in 16 000 then
+/// lands one f16 step away from numpy's (single) rounding.
+pub fn f16_nearest(v: f64) -> f32 {
+    let mag = v.abs();
+    let a = half::f16::from_f32(mag as f32).to_bits();
+    let best = [a.saturating_sub(1), a, a.saturating_add(1)]
+        .into_iter()
+        .min_by(|&p, &q| {
+            let dp = (half::f16::from_bits(p).to_f64() - mag).abs();
+            let dq = (half::f16::from_bits(q).to_f64() - mag).abs();
+            dp.total_cmp(&dq).then((p & 1).cmp(&(q & 1)))
+        })
+        .expect("three candidates");
+    let r = half::f16::from_bits(best).to_f32();
+    if v < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// A `VarBuilder` source that answers every request with [`values`] for the requested name and
+/// shape (names are the `VarBuilder` paths, which the networks keep equal to the reference's
+/// `state_dict` keys).
+pub struct FormulaWeights;
+
+impl FormulaWeights {
+    pub fn var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(FormulaWeights), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for FormulaWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let v = values(name, shape.dims());
+        Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("formula weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// Every tensor `network` reads, as (name, shape, formula values), in the order it reads them:
+/// the network is built once on formula weights, recording what it asks for. This is the
+/// reference's state dict (the names the network asks for are the reference's keys).
+pub fn state_dict(network: crate::Network) -> crate::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = Recording { seen: seen.clone() };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    network.build(vb)?;
+    let names: Vec<(String, Vec<usize>)> = seen.lock().expect("not poisoned").clone();
+    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, shape) in names {
+        if !out.iter().any(|(n, _, _)| *n == name) {
+            let v = values(&name, &shape);
+            out.push((name, shape, v));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `network`'s formula state dict as a `.safetensors` file (f32) at `path`.
+pub fn write_safetensors(network: crate::Network, path: &std::path::Path) -> crate::Result<()> {
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape, v) in state_dict(network)? {
+        tensors.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
+    }
+    candle_core::safetensors::save(&tensors, path)?;
+    Ok(())
+}
+
+struct Recording {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>,
+}
+
+impl SimpleBackend for Recording {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .push((name.to_string(), shape.dims().to_vec()));
+        FormulaWeights.get(shape, name, init, dtype, device)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("formula weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pinned values: `tools/parity/neural/formula.py` prints the same (run it with `--check`).
+    #[test]
+    fn formula_is_pinned() {
+        let w = values("block1.convs.0.weight", &[2, 3, 1, 1]);
+        let b = values("block1.convs.0.bias", &[2]);
+        let g = values("bn.weight", &[2]);
+        let v = values("bn.running_var", &[2]);
+        let all: Vec<f32> = [w, b, g, v].concat();
+        let bits: Vec<String> = all.iter().map(|x| format!("{x:.8}")).collect();
+        assert_eq!(bits.join(","), PINNED);
+    }
+
+    /// A large tensor, where double rounding would show (one value in ~16 000): the sum of the
+    /// f16 bit patterns equals `formula.py --check`'s.
+    #[test]
+    fn large_tensor_matches_numpys_rounding() {
+        let v = values(
+            "model.model.1.model.3.model.3.model.3.model.1.weight",
+            &[512, 512, 4, 4],
+        );
+        let sum: u64 = v
+            .iter()
+            .map(|x| half::f16::from_f32(*x).to_bits() as u64)
+            .sum();
+        assert_eq!(sum, PINNED_LARGE_BITS_SUM);
+    }
+
+    const PINNED_LARGE_BITS_SUM: u64 = 104395980989;
+
+    const PINNED: &str = "-1.13867188,-0.51220703,1.05761719,-0.54150391,-0.21337891,1.06640625,0.03448486,-0.06835938,1.01562500,0.96923828,1.18066406,0.93212891";
+}
