@@ -18,6 +18,7 @@
 //!
 //! No HTTP here: the server maps [`EngineError`] to status codes.
 pub mod adapters;
+pub mod annotate;
 mod queue;
 mod worker;
 
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 pub use adapters::{AdapterCounters, AdapterInfo, AdapterRegistry, AdapterSettings};
+pub use annotate::{AnnotatorCounters, AnnotatorPool, AnnotatorSettings, Availability};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
@@ -54,6 +56,13 @@ pub enum EngineError {
     /// The adapter's weights could not be loaded (a bad or mismatched file).
     #[error("{0}")]
     AdapterLoad(String),
+    /// A preprocessor request that cannot run as given (HTTP 4xx naming the field): unknown
+    /// name, bad parameter or image, missing annotator weights.
+    #[error("{0}")]
+    Annotator(annotators::AnnotatorError),
+    /// An annotator weight file that is there but cannot be loaded (the server's files).
+    #[error("{0}")]
+    AnnotatorLoad(String),
     /// The adapter memory budget is held by adapters in use (try again later).
     #[error("{0}")]
     MemoryBudget(String),
@@ -237,6 +246,9 @@ pub struct Status {
     pub prompt_cache_hits: u64,
     pub prompt_cache_misses: u64,
     pub adapters: AdapterCounters,
+    /// Network annotations waiting for the worker.
+    pub annotations_queued: usize,
+    pub annotators: AnnotatorCounters,
 }
 
 #[derive(Default)]
@@ -261,6 +273,7 @@ pub struct Engine {
     queue: Arc<queue::Queue>,
     models: Vec<String>,
     adapters: Arc<AdapterRegistry>,
+    annotators: Arc<AnnotatorPool>,
     loader: Mutex<Option<mpsc::Sender<Loading>>>,
     stats: Arc<Stats>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -268,10 +281,35 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the device worker, which owns `models` (name, model) from now on, and the
-    /// adapter loader. `models` must not be empty.
+    /// adapter loader, with no annotator folder. `models` must not be empty.
     pub fn start(
         models: Vec<(String, StableDiffusion)>,
         adapters: Arc<AdapterRegistry>,
+        config: EngineConfig,
+    ) -> Self {
+        let settings = AnnotatorSettings {
+            root: None,
+            budget_bytes: None,
+            dtype: models
+                .first()
+                .map_or(candle_core::DType::F32, |m| m.1.unet.dtype()),
+            device: models
+                .first()
+                .map_or(candle_core::Device::Cpu, |m| m.1.device().clone()),
+        };
+        Self::start_with(
+            models,
+            adapters,
+            Arc::new(AnnotatorPool::new(settings)),
+            config,
+        )
+    }
+
+    /// [`Self::start`] with an annotator pool.
+    pub fn start_with(
+        models: Vec<(String, StableDiffusion)>,
+        adapters: Arc<AdapterRegistry>,
+        annotators: Arc<AnnotatorPool>,
         config: EngineConfig,
     ) -> Self {
         assert!(!models.is_empty(), "the engine needs a base model");
@@ -304,6 +342,7 @@ impl Engine {
             queue,
             models: names,
             adapters,
+            annotators,
             loader: Mutex::new(Some(loader)),
             stats,
             threads: Mutex::new(threads),
@@ -325,6 +364,49 @@ impl Engine {
 
     pub fn adapters(&self) -> &Arc<AdapterRegistry> {
         &self.adapters
+    }
+
+    pub fn annotators(&self) -> &Arc<AnnotatorPool> {
+        &self.annotators
+    }
+
+    /// Runs preprocessor `name` on `image` and returns the hint at its detect size (see
+    /// [`annotate`]). `resolution: None` is the preprocessor's default. Blocks until done:
+    /// call it from a blocking thread, never from async code.
+    pub fn annotate(
+        &self,
+        name: &str,
+        image: &RgbImage,
+        resolution: Option<u32>,
+        params: &annotators::Params,
+        seed: u64,
+    ) -> Result<RgbImage, EngineError> {
+        let checked =
+            annotators::check(name, image, resolution, params).map_err(EngineError::Annotator)?;
+        let pre = checked.pre;
+        if let Some(run) = pre.free_run {
+            let started = Instant::now();
+            let hint = run(&checked.input(image), &checked.values, seed);
+            metrics::histogram!("engine_annotate_seconds", "preprocessor" => pre.name)
+                .record(started.elapsed().as_secs_f64());
+            return Ok(hint);
+        }
+        let network = neural_annotators::Network::for_preprocessor(pre.name).ok_or_else(|| {
+            EngineError::Annotator(annotators::AnnotatorError::NotImplemented(
+                pre.name.to_string(),
+            ))
+        })?;
+        let detector = self.annotators.acquire(pre.name, network)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue.push_annotation(annotate::AnnotateTask {
+            detector,
+            preprocessor: pre.name,
+            image: checked.input(image),
+            params: checked.values,
+            reply,
+            enqueued: Instant::now(),
+        })?;
+        answer.blocking_recv().unwrap_or(Err(EngineError::Stopped))
     }
 
     pub fn models(&self) -> Vec<ModelInfo> {
@@ -394,6 +476,8 @@ impl Engine {
             prompt_cache_hits: s.prompt_cache_hits.load(Ordering::SeqCst),
             prompt_cache_misses: s.prompt_cache_misses.load(Ordering::SeqCst),
             adapters: self.adapters.counters(),
+            annotations_queued: self.queue.annotations(),
+            annotators: self.annotators.counters(),
         }
     }
 
@@ -411,7 +495,7 @@ impl Engine {
     /// Whether nothing is queued or running.
     pub fn is_idle(&self) -> bool {
         let s = self.status();
-        s.queued == 0 && s.running_jobs == 0
+        s.queued == 0 && s.running_jobs == 0 && s.annotations_queued == 0
     }
 
     /// Closes, then waits for the queued and running jobs to finish, up to `grace`. Whether

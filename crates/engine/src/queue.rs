@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::annotate::AnnotateTask;
 use crate::{EngineError, Event, Priority, Ticket};
 
 /// A job ready to run (its adapters resolved), waiting for the worker.
@@ -20,6 +21,8 @@ struct State {
     normal: VecDeque<Queued>,
     /// Admitted jobs whose adapters are still loading: they hold a queue slot.
     loading: usize,
+    /// Network annotations waiting for the worker (one runs between two denoising steps).
+    annotations: VecDeque<AnnotateTask>,
     closed: bool,
 }
 
@@ -45,7 +48,8 @@ pub(crate) struct Queue {
 
 /// What the worker gets when it asks for work.
 pub(crate) enum Take {
-    Jobs(Vec<Queued>),
+    /// Jobs to admit, and at most one annotation to run before the next step.
+    Work(Vec<Queued>, Option<AnnotateTask>),
     /// Closed and empty: the worker may stop once its running jobs are done.
     Closed,
 }
@@ -98,6 +102,26 @@ impl Queue {
         self.ready.notify_all();
     }
 
+    /// Queues a network annotation, or refuses at once when `capacity` are waiting.
+    pub fn push_annotation(&self, task: AnnotateTask) -> Result<(), EngineError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(EngineError::Stopped);
+        }
+        if state.annotations.len() >= self.capacity {
+            return Err(EngineError::Overloaded(self.capacity));
+        }
+        state.annotations.push_back(task);
+        drop(state);
+        self.ready.notify_all();
+        Ok(())
+    }
+
+    /// Annotations waiting.
+    pub fn annotations(&self) -> usize {
+        self.lock().annotations.len()
+    }
+
     /// No new jobs from now on; the worker drains what is queued.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -143,7 +167,7 @@ impl Queue {
         if wait {
             // Deadlines of waiting jobs are checked as they come out; waiting here is bounded
             // by the next arrival or by close.
-            while state.len() == 0 {
+            while state.len() == 0 && state.annotations.is_empty() {
                 if state.closed && state.loading == 0 {
                     return Take::Closed;
                 }
@@ -153,7 +177,7 @@ impl Queue {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            if !max_delay.is_zero() {
+            if !max_delay.is_zero() && state.len() > 0 {
                 let oldest = [state.high.front(), state.normal.front()]
                     .into_iter()
                     .flatten()
@@ -161,7 +185,7 @@ impl Queue {
                     .min()
                     .expect("not empty");
                 let until = oldest + max_delay;
-                while state.images() < room && !state.closed {
+                while state.images() < room && !state.closed && state.annotations.is_empty() {
                     let now = Instant::now();
                     if now >= until {
                         break;
@@ -191,6 +215,7 @@ impl Queue {
             images += n;
             jobs.push(next.pop_front().expect("front exists"));
         }
-        Take::Jobs(jobs)
+        let annotation = state.annotations.pop_front();
+        Take::Work(jobs, annotation)
     }
 }

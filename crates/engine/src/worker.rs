@@ -87,7 +87,7 @@ pub(crate) struct Worker {
 }
 
 /// A panic's message, for the job's error.
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
@@ -128,9 +128,12 @@ impl Worker {
             };
             match self.queue.take(room, idle, delay) {
                 Take::Closed => return,
-                Take::Jobs(jobs) => {
+                Take::Work(jobs, annotation) => {
                     for j in jobs {
                         self.admit(j);
+                    }
+                    if let Some(task) = annotation {
+                        task.run();
                     }
                 }
             }

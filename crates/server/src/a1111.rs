@@ -987,6 +987,10 @@ pub struct ModuleDetail {
     pub model_free: bool,
     /// The resolution slider (if any), then threshold_a's and threshold_b's.
     pub sliders: Vec<Slider>,
+    /// Ours, not A1111's: runs here now (weight-free, or its weights are in the folder).
+    pub available: bool,
+    /// Ours, not A1111's: annotator weight files it needs that are not in the folder.
+    pub missing_weights: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -1009,8 +1013,9 @@ fn slider(s: &annotators::ParamSpec) -> Slider {
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     responses((status = 200, description = "Module names and details", body = ModuleList)),
     security((), ("api_key" = [])))]
-pub async fn module_list() -> Json<ModuleList> {
+pub async fn module_list(State(state): State<AppState>) -> Json<ModuleList> {
     let list = annotators::list();
+    let pool = state.engine.annotators();
     Json(ModuleList {
         module_list: list.iter().map(|p| p.name.to_string()).collect(),
         module_detail: list
@@ -1027,6 +1032,11 @@ pub async fn module_list() -> Json<ModuleList> {
                     ModuleDetail {
                         model_free: false,
                         sliders,
+                        available: pool.availability(p) == engine::Availability::Ready,
+                        missing_weights: match pool.availability(p) {
+                            engine::Availability::MissingWeights(files) => files,
+                            _ => Vec::new(),
+                        },
                     },
                 )
             })
@@ -1113,30 +1123,32 @@ pub async fn detect(
     let params = pre.params_from_thresholds(req.controlnet_threshold_a, req.controlnet_threshold_b);
     let max = state.config.limits.max_input_pixels;
     let images = tokio::task::spawn_blocking(move || {
+        let state = &state;
         req.controlnet_input_images
             .iter()
             .enumerate()
             .map(|(i, data)| {
                 let image =
                     images::decode_base64(&format!("controlnet_input_images[{i}]"), data, max)?;
-                let hint = api::run_preprocessor("", pre.name, &image, resolution, &params, 0)
-                    .map_err(|mut e| {
-                        let f = e.body.field.clone().unwrap_or_default();
-                        e.body.field = Some(match f.as_str() {
-                            "preprocessor" => "controlnet_module".to_string(),
-                            "processor_res" => "controlnet_processor_res".to_string(),
-                            "image" => format!("controlnet_input_images[{i}]"),
-                            other => match other
-                                .strip_prefix("params.")
-                                .and_then(|p| pre.params.iter().position(|x| x.name == p))
-                            {
-                                Some(0) => "controlnet_threshold_a".to_string(),
-                                Some(1) => "controlnet_threshold_b".to_string(),
-                                _ => other.to_string(),
-                            },
-                        });
-                        e
-                    })?;
+                let hint =
+                    api::run_preprocessor(state, "", pre.name, &image, resolution, &params, 0)
+                        .map_err(|mut e| {
+                            let f = e.body.field.clone().unwrap_or_default();
+                            e.body.field = Some(match f.as_str() {
+                                "preprocessor" => "controlnet_module".to_string(),
+                                "processor_res" => "controlnet_processor_res".to_string(),
+                                "image" => format!("controlnet_input_images[{i}]"),
+                                other => match other
+                                    .strip_prefix("params.")
+                                    .and_then(|p| pre.params.iter().position(|x| x.name == p))
+                                {
+                                    Some(0) => "controlnet_threshold_a".to_string(),
+                                    Some(1) => "controlnet_threshold_b".to_string(),
+                                    _ => other.to_string(),
+                                },
+                            });
+                            e
+                        })?;
                 images::encode_base64(&hint, OutputFormat::Png)
             })
             .collect::<Result<Vec<_>, ApiError>>()

@@ -5,7 +5,7 @@ use diffusion::control::ControlMode;
 use diffusion::images::ResizeMode;
 use diffusion::pipeline::{InitImage, Request};
 use diffusion::schedulers::SchedulerKind;
-use engine::{Job, NamedControl, Priority};
+use engine::{EngineError, Job, NamedControl, Priority};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -209,9 +209,20 @@ pub struct Prepared {
 }
 
 /// What a request may name: known base models and adapters.
+/// What request checks need from the engine: names it knows, and the annotators (which run on
+/// the engine: the networks need its device).
 pub trait Catalog {
     fn has_model(&self, name: &str) -> bool;
     fn has_adapter(&self, name: &str) -> bool;
+    /// Runs a preprocessor (blocks: call from a blocking thread).
+    fn annotate(
+        &self,
+        name: &str,
+        image: &RgbImage,
+        resolution: Option<u32>,
+        params: &annotators::Params,
+        seed: u64,
+    ) -> Result<RgbImage, EngineError>;
 }
 
 fn check_range(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), ApiError> {
@@ -249,6 +260,7 @@ pub fn check_size(width: usize, height: usize, limits: &Limits) -> Result<(), Ap
 /// Runs a preprocessor, errors naming the parameter under `field` (the control, such as
 /// `controls[0]`; empty when the preprocessor's fields are the request's own).
 pub fn run_preprocessor(
+    catalog: &dyn Catalog,
     field: &str,
     name: &str,
     image: &RgbImage,
@@ -269,20 +281,30 @@ pub fn run_preprocessor(
             format!("unknown preprocessor `{name}` (see GET /v1/preprocessors)"),
         )
     })?;
-    let resolution = resolution.unwrap_or_else(|| pre.default_resolution());
-    annotators::run(name, image, resolution, params, seed).map_err(|e| match &e {
-        annotators::AnnotatorError::BadParam { name: p, .. } if p == "processor_res" => {
-            ApiError::invalid(at("processor_res"), e.to_string())
-        }
-        annotators::AnnotatorError::BadParam { name: p, .. } => {
-            ApiError::invalid(at(&format!("params.{p}")), e.to_string())
-        }
-        annotators::AnnotatorError::NeedsWeights(_) => ApiError::invalid(
-            at("preprocessor"),
-            format!("{e}; send an already preprocessed hint instead"),
-        ),
-        _ => ApiError::invalid(at("image"), e.to_string()),
-    })
+    use annotators::AnnotatorError as A;
+    catalog
+        .annotate(pre.name, image, resolution, params, seed)
+        .map_err(|e| match e {
+            EngineError::Annotator(e) => match &e {
+                A::BadParam { name: p, .. } if p == "processor_res" => {
+                    ApiError::invalid(at("processor_res"), e.to_string())
+                }
+                A::BadParam { name: p, .. } => {
+                    ApiError::invalid(at(&format!("params.{p}")), e.to_string())
+                }
+                A::UnknownPreprocessor(_) | A::NotImplemented(_) => {
+                    ApiError::invalid(at("preprocessor"), e.to_string())
+                }
+                A::NeedsWeights(_) | A::MissingWeights { .. } => ApiError::invalid(
+                    at("preprocessor"),
+                    format!("{e}; send an already preprocessed hint instead"),
+                ),
+                A::EmptyImage { .. } | A::ImageTooLarge { .. } => {
+                    ApiError::invalid(at("image"), e.to_string())
+                }
+            },
+            other => ApiError::from(other),
+        })
 }
 
 /// Checks `req` against `limits` and what `catalog` knows, decodes its images, runs its
@@ -431,7 +453,15 @@ pub fn prepare(
                 }
                 image
             }
-            Some(name) => run_preprocessor(&field, name, &image, c.processor_res, &c.params, seed)?,
+            Some(name) => run_preprocessor(
+                catalog,
+                &field,
+                name,
+                &image,
+                c.processor_res,
+                &c.params,
+                seed,
+            )?,
         };
         let mode: ControlMode = c.control_mode.into();
         controls.push(NamedControl {
@@ -510,18 +540,31 @@ pub struct ParamInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PreprocessorInfo {
     pub name: String,
-    /// Runs here (false: needs annotator weights this build does not have).
+    /// Runs here now: weight-free, or its network's weight file is in the annotator folder.
     pub available: bool,
+    /// The annotator weight files it needs (empty for weight-free ones).
+    pub weights: Vec<String>,
+    /// The files it needs that are not in the annotator folder (`[annotators] root`).
+    pub missing_weights: Vec<String>,
+    /// Listed but not implemented in this build (send a preprocessed hint instead).
+    pub not_implemented: bool,
     pub default_resolution: u32,
     pub params: Vec<ParamInfo>,
 }
 
-pub fn preprocessor_list() -> Vec<PreprocessorInfo> {
+/// Every preprocessor with its parameters and whether it can run with `pool`'s weights.
+pub fn preprocessor_list(pool: &engine::AnnotatorPool) -> Vec<PreprocessorInfo> {
     annotators::list()
         .iter()
         .map(|p| PreprocessorInfo {
             name: p.name.into(),
-            available: p.model_free,
+            available: pool.availability(p) == engine::Availability::Ready,
+            weights: p.weights.iter().map(|w| w.to_string()).collect(),
+            missing_weights: match pool.availability(p) {
+                engine::Availability::MissingWeights(files) => files,
+                _ => Vec::new(),
+            },
+            not_implemented: pool.availability(p) == engine::Availability::NotImplemented,
             default_resolution: p.default_resolution(),
             params: p
                 .params

@@ -17,6 +17,7 @@ pub struct Config {
     #[serde(default)]
     pub models: Vec<ModelEntry>,
     pub adapters: AdapterSection,
+    pub annotators: AnnotatorSection,
     pub auth: AuthConfig,
 }
 
@@ -75,6 +76,16 @@ pub struct AuthConfig {
     pub admin_keys: Vec<String>,
 }
 
+/// Preprocessor networks (`[annotators]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AnnotatorSection {
+    /// The weight folder; empty = none.
+    pub root: PathBuf,
+    /// Bytes of annotator weights kept on the device (0 = no limit).
+    pub budget_bytes: u64,
+}
+
 /// Command-line overrides (the most used settings; the rest through a file or environment).
 #[derive(Debug, Default, Clone, Serialize, clap::Args)]
 pub struct Overrides {
@@ -95,6 +106,10 @@ pub struct Overrides {
     #[arg(long)]
     #[serde(skip)]
     pub adapter_root: Vec<PathBuf>,
+    /// The folder of annotator (preprocessor network) weights.
+    #[arg(long)]
+    #[serde(skip)]
+    pub annotator_root: Option<PathBuf>,
     #[arg(long)]
     #[serde(skip)]
     pub device: Option<String>,
@@ -148,6 +163,9 @@ impl Config {
         }
         if !overrides.adapter_root.is_empty() {
             config.adapters.roots = overrides.adapter_root.clone();
+        }
+        if let Some(root) = &overrides.annotator_root {
+            config.annotators.root = root.clone();
         }
         if let Some(d) = &overrides.device {
             config.engine.device = d.clone();

@@ -100,7 +100,9 @@ impl From<EngineError> for ApiError {
                 "cancelled",
                 message,
             ),
-            EngineError::Failed(_) => Self::internal(message),
+            EngineError::Annotator(_) => Self::invalid("preprocessor", message),
+            // The server's own weight file is unreadable: not the client's fault.
+            EngineError::AnnotatorLoad(_) | EngineError::Failed(_) => Self::internal(message),
             EngineError::Stopped => Self::not_ready(),
         }
     }

@@ -19,7 +19,10 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use candle_core::Device;
 use diffusion::pipeline::StableDiffusion;
-use engine::{AdapterRegistry, AdapterSettings, Engine, EngineConfig, Event, Job};
+use engine::{
+    AdapterRegistry, AdapterSettings, AnnotatorPool, AnnotatorSettings, Engine, EngineConfig,
+    Event, Job,
+};
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,6 +59,17 @@ impl api::Catalog for AppState {
     fn has_adapter(&self, name: &str) -> bool {
         self.engine.adapters().get(name).is_some()
     }
+
+    fn annotate(
+        &self,
+        name: &str,
+        image: &image::RgbImage,
+        resolution: Option<u32>,
+        params: &annotators::Params,
+        seed: u64,
+    ) -> Result<image::RgbImage, engine::EngineError> {
+        self.engine.annotate(name, image, resolution, params, seed)
+    }
 }
 
 fn parse_device(s: &str) -> anyhow::Result<Device> {
@@ -87,6 +101,19 @@ pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
             .with_context(|| format!("model `{}` at {}", m.name, m.path.display()))?;
         models.push((m.name.clone(), model));
     }
+    let root = &config.annotators.root;
+    let annotators = AnnotatorPool::new(AnnotatorSettings {
+        root: (!root.as_os_str().is_empty()).then(|| root.clone()),
+        budget_bytes: (config.annotators.budget_bytes > 0)
+            .then_some(config.annotators.budget_bytes as usize),
+        dtype,
+        device: device.clone(),
+    });
+    if let Some(root) = &annotators.settings().root {
+        if !root.is_dir() {
+            anyhow::bail!("annotators: root {} is not a folder", root.display());
+        }
+    }
     let registry = AdapterRegistry::new(AdapterSettings {
         roots: config.adapters.roots.clone(),
         budget_bytes: (config.adapters.budget_bytes > 0).then_some(config.adapters.budget_bytes),
@@ -103,9 +130,10 @@ pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
             .with_context(|| format!("preloading adapter `{name}`"))?;
         tracing::info!(%name, source = %info.source, bytes = ?info.bytes, "adapter loaded");
     }
-    Ok(Engine::start(
+    Ok(Engine::start_with(
         models,
         Arc::new(registry),
+        Arc::new(annotators),
         EngineConfig {
             max_queue: config.engine.max_queue,
             max_batch: config.engine.max_batch,

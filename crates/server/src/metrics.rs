@@ -58,4 +58,8 @@ pub fn record_engine(status: &engine::Status) {
     metrics::gauge!("engine_prompt_cache_misses").set(status.prompt_cache_misses as f64);
     metrics::gauge!("device_memory_in_use_bytes", "kind" => "adapters")
         .set(status.adapters.bytes_held as f64);
+    metrics::gauge!("device_memory_in_use_bytes", "kind" => "annotators")
+        .set(status.annotators.resident_bytes as f64);
+    metrics::gauge!("engine_annotations_queued").set(status.annotations_queued as f64);
+    metrics::gauge!("engine_annotators_resident").set(status.annotators.resident as f64);
 }

@@ -230,6 +230,7 @@ pub async fn detect(
     let hint = tokio::task::spawn_blocking(move || {
         let image = images::decode_base64("image", &req.image, max)?;
         api::run_preprocessor(
+            &state,
             "",
             &req.preprocessor,
             &image,
@@ -253,8 +254,8 @@ pub async fn detect(
     responses((status = 200, description = "Every preprocessor", body = [PreprocessorInfo])),
     security((), ("api_key" = []))
 )]
-pub async fn preprocessors() -> Json<Vec<PreprocessorInfo>> {
-    Json(api::preprocessor_list())
+pub async fn preprocessors(State(state): State<AppState>) -> Json<Vec<PreprocessorInfo>> {
+    Json(api::preprocessor_list(state.engine.annotators()))
 }
 
 /// The base models.

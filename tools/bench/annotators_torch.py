@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Times controlnet_aux 0.0.10's detectors for the network preprocessors on one image, on CPU,
+with the same formula weights as the Rust benchmark (tools/parity/neural/formula.py): the whole
+detector call (resize to the detect resolution, network, post-processing), float32.
+
+Usage: annotators_torch.py IMAGE.png [--resolution 512] [--iters 3] [--only a,b]
+Prints one JSON line per preprocessor.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity", "neural"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import formula  # noqa: E402
+
+
+def detectors():
+    from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
+    from controlnet_aux.lineart import Generator, LineartDetector
+    from controlnet_aux.lineart_anime import LineartAnimeDetector, UnetGenerator
+    from controlnet_aux.mlsd import MLSDdetector
+    from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+    from controlnet_aux.pidi import PidiNetDetector
+    from controlnet_aux.pidi.model import pidinet
+    import functools
+
+    hed = HEDdetector(formula.fill(ControlNetHED_Apache2()).float().eval())
+    pidi = PidiNetDetector(formula.fill(pidinet()).eval())
+    mlsd = MLSDdetector(formula.fill(MobileV2_MLSD_Large()).eval())
+    lineart = LineartDetector(formula.fill(Generator(3, 1, 3)).eval(), formula.fill(Generator(3, 1, 3)).eval())
+    norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    anime = LineartAnimeDetector(formula.fill(UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)).eval())
+    return {
+        "softedge_hed": lambda img, r: hed(img, r, r),
+        "softedge_hedsafe": lambda img, r: hed(img, r, r, safe=True),
+        "scribble_hed": lambda img, r: hed(img, r, r, scribble=True),
+        "softedge_pidinet": lambda img, r: pidi(img, r, r),
+        "softedge_pidisafe": lambda img, r: pidi(img, r, r, safe=True),
+        "scribble_pidinet": lambda img, r: pidi(img, r, r, scribble=True),
+        "mlsd": lambda img, r: mlsd(img, 0.1, 0.1, r, r),
+        "lineart_realistic": lambda img, r: lineart(img, False, r, r),
+        "lineart_coarse": lambda img, r: lineart(img, True, r, r),
+        "lineart_anime": lambda img, r: anime(img, r, r),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("image")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--only", default=None)
+    args = ap.parse_args()
+    img = np.array(Image.open(args.image).convert("RGB"))
+    only = args.only.split(",") if args.only else None
+    with torch.no_grad():
+        for name, run in detectors().items():
+            if only and name not in only:
+                continue
+            run(img, args.resolution)  # warm-up
+            times = []
+            for _ in range(args.iters):
+                t = time.perf_counter()
+                run(img, args.resolution)
+                times.append(time.perf_counter() - t)
+            times.sort()
+            print(json.dumps({"impl": f"controlnet_aux {__import__('controlnet_aux').__version__} / torch {torch.__version__}",
+                              "preprocessor": name, "median_s": times[len(times) // 2], "min_s": times[0],
+                              "threads": torch.get_num_threads()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
