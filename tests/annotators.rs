@@ -16,19 +16,6 @@ use reqwest::Client;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-const NETWORK_PREPROCESSORS: [&str; 10] = [
-    "softedge_hed",
-    "softedge_hedsafe",
-    "scribble_hed",
-    "softedge_pidinet",
-    "softedge_pidisafe",
-    "scribble_pidinet",
-    "mlsd",
-    "lineart_realistic",
-    "lineart_coarse",
-    "lineart_anime",
-];
-
 /// How each file is stored, as the real files are (the legacy one stands for the OpenPose
 /// files, which part 3 reads).
 fn container(network: Network) -> SaveOptions {
@@ -126,7 +113,7 @@ async fn every_network_preprocessor_is_served_from_the_users_files() {
         .json()
         .await
         .unwrap();
-    for name in NETWORK_PREPROCESSORS {
+    for name in neural_annotators::PREPROCESSORS {
         let p = list
             .as_array()
             .unwrap()
@@ -146,7 +133,7 @@ async fn every_network_preprocessor_is_served_from_the_users_files() {
     assert_eq!(depth["not_implemented"], true);
 
     let image = png_b64(&photo());
-    for name in NETWORK_PREPROCESSORS {
+    for name in neural_annotators::PREPROCESSORS {
         let (status, body) = post(
             &c,
             server.url("/v1/detect"),

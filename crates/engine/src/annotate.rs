@@ -48,6 +48,16 @@ pub enum Availability {
     NotImplemented,
 }
 
+impl Availability {
+    /// The weight files it lacks (empty unless [`Availability::MissingWeights`]).
+    pub fn missing_weights(&self) -> Vec<String> {
+        match self {
+            Availability::MissingWeights(files) => files.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// Load and eviction figures, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AnnotatorCounters {

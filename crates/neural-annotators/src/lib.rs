@@ -36,6 +36,20 @@ pub trait Detector: Send + Sync {
     fn detect(&self, preprocessor: &str, image: &RgbImage, params: &[f64]) -> Result<RgbImage>;
 }
 
+/// Every preprocessor a network of this crate serves, by network.
+pub const PREPROCESSORS: [&str; 10] = [
+    "softedge_hed",
+    "softedge_hedsafe",
+    "scribble_hed",
+    "softedge_pidinet",
+    "softedge_pidisafe",
+    "scribble_pidinet",
+    "mlsd",
+    "lineart_realistic",
+    "lineart_coarse",
+    "lineart_anime",
+];
+
 /// The annotator networks, one per weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Network {

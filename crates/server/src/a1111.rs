@@ -1027,16 +1027,14 @@ pub async fn module_list(State(state): State<AppState>) -> Json<ModuleList> {
                     .chain(p.params.iter())
                     .map(slider)
                     .collect();
+                let availability = pool.availability(p);
                 (
                     p.name.to_string(),
                     ModuleDetail {
                         model_free: false,
                         sliders,
-                        available: pool.availability(p) == engine::Availability::Ready,
-                        missing_weights: match pool.availability(p) {
-                            engine::Availability::MissingWeights(files) => files,
-                            _ => Vec::new(),
-                        },
+                        available: availability == engine::Availability::Ready,
+                        missing_weights: availability.missing_weights(),
                     },
                 )
             })

@@ -556,15 +556,13 @@ pub struct PreprocessorInfo {
 pub fn preprocessor_list(pool: &engine::AnnotatorPool) -> Vec<PreprocessorInfo> {
     annotators::list()
         .iter()
-        .map(|p| PreprocessorInfo {
+        .map(|p| (p, pool.availability(p)))
+        .map(|(p, availability)| PreprocessorInfo {
             name: p.name.into(),
-            available: pool.availability(p) == engine::Availability::Ready,
+            available: availability == engine::Availability::Ready,
             weights: p.weights.iter().map(|w| w.to_string()).collect(),
-            missing_weights: match pool.availability(p) {
-                engine::Availability::MissingWeights(files) => files,
-                _ => Vec::new(),
-            },
-            not_implemented: pool.availability(p) == engine::Availability::NotImplemented,
+            missing_weights: availability.missing_weights(),
+            not_implemented: availability == engine::Availability::NotImplemented,
             default_resolution: p.default_resolution(),
             params: p
                 .params

@@ -10,19 +10,6 @@ use candle_core::{DType, Device};
 use neural_annotators::formula::FormulaWeights;
 use neural_annotators::Network;
 
-const PREPROCESSORS: [&str; 10] = [
-    "softedge_hed",
-    "softedge_hedsafe",
-    "scribble_hed",
-    "softedge_pidinet",
-    "softedge_pidisafe",
-    "scribble_pidinet",
-    "mlsd",
-    "lineart_realistic",
-    "lineart_coarse",
-    "lineart_anime",
-];
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let path = args
@@ -40,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let photo = image::open(path)?.to_rgb8();
     let device = Device::Cpu;
     let mut loaded = std::collections::HashMap::new();
-    for name in PREPROCESSORS {
+    for name in neural_annotators::PREPROCESSORS {
         if only.as_ref().is_some_and(|o| !o.iter().any(|x| x == name)) {
             continue;
         }
