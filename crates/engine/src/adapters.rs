@@ -11,7 +11,11 @@
 //! `embedded:N` names a generated ControlNet for the embedded model (no file).
 //!
 //! A memory budget counts every adapter's weights still held: the resident ones and the
-//! replaced or unloaded ones that jobs still use. Above it, idle resident adapters are evicted,
+//! replaced or unloaded ones that jobs still use. An adapter counts the bytes its weights take
+//! on the device: the sum over its tensors of elements × the size of the dtype they are loaded
+//! as (f16/bf16 2, f32 4), whatever the file stores ([`ControlNetModel::size_in_bytes`], which
+//! counts each tensor as the model takes it from its weight source), so the same adapter
+//! loaded as f32 counts twice its f16 size. Above it, idle resident adapters are evicted,
 //! least recently used first; an adapter in use is never evicted. An evicted adapter stays
 //! registered and is loaded again the next time a job names it.
 use candle_core::{DType, Device};
@@ -265,6 +269,7 @@ impl AdapterRegistry {
         source: AdapterSource,
         net: Arc<ControlNetModel>,
     ) -> Result<(), EngineError> {
+        // Real bytes by dtype (see the module header), not a parameter count.
         let bytes = net.size_in_bytes();
         // The weights this name held leave the count unless jobs still hold them.
         let previous = state.slots.get_mut(name).and_then(|s| s.resident.take());

@@ -263,6 +263,11 @@ impl AnnotateTask {
         }));
         let result = match result {
             Ok(Ok(hint)) => Ok(hint),
+            // One image, nothing smaller to retry: a 503 rather than a 500 (see the worker).
+            Ok(Err(e)) if crate::is_out_of_memory(&e) => Err(EngineError::OutOfMemory(format!(
+                "running the {} preprocessor",
+                self.preprocessor
+            ))),
             Ok(Err(e)) => Err(EngineError::Failed(format!("{}: {e}", self.preprocessor))),
             Err(p) => Err(EngineError::Failed(format!(
                 "{}: internal error: {}",

@@ -15,6 +15,14 @@
 //!   counts, guidance and ControlNets. Finished jobs are decoded together. Jobs whose caller has
 //!   gone, that were cancelled or whose deadline passed leave at the next step boundary.
 //! - A job that fails, or panics, fails alone: a failed shared step is retried job by job.
+//! - Device out-of-memory ([`is_out_of_memory`]) is a property of the batch, not of a job: a
+//!   batched UNet step or VAE decode that runs out of memory is rerun in halves (no job has
+//!   advanced: the step is a function of the jobs' state before it), and the worker forms
+//!   smaller batches for a while ([`Status::batch_cap`]). Only a job that runs out of memory
+//!   alone fails, with [`EngineError::OutOfMemory`] (HTTP 503); the others go on.
+//!   [`Status::oom_retries`] and [`Status::oom_failures`] count both.
+//! - For tests only, [`Engine::inject_faults`] makes chosen batched calls fail with the error a
+//!   CUDA out-of-memory gives, so the paths above run on the CPU.
 //!
 //! No HTTP here: the server maps [`EngineError`] to status codes.
 pub mod adapters;
@@ -75,6 +83,10 @@ pub enum EngineError {
     /// The model failed on this job (HTTP 500); other jobs go on.
     #[error("generation failed: {0}")]
     Failed(String),
+    /// The device ran out of memory on this job alone (HTTP 503): what it was doing then.
+    /// Batches are retried smaller before a job gets this; other jobs go on.
+    #[error("out of device memory while {0}; try a smaller size or fewer images")]
+    OutOfMemory(String),
     /// The engine has stopped taking jobs.
     #[error("the engine is shutting down")]
     Stopped,
@@ -249,6 +261,14 @@ pub struct Status {
     /// Network annotations waiting for the worker.
     pub annotations_queued: usize,
     pub annotators: AnnotatorCounters,
+    /// Batched calls (UNet steps, VAE decodes) that ran out of device memory and were rerun
+    /// in smaller batches.
+    pub oom_retries: u64,
+    /// Jobs failed with [`EngineError::OutOfMemory`].
+    pub oom_failures: u64,
+    /// Images the worker puts in one UNet call now: `max_batch`, or less for a while after
+    /// an out-of-memory step (see the worker).
+    pub batch_cap: usize,
 }
 
 #[derive(Default)]
@@ -259,6 +279,74 @@ pub(crate) struct Stats {
     pub last_batch_rows: AtomicUsize,
     pub prompt_cache_hits: AtomicU64,
     pub prompt_cache_misses: AtomicU64,
+    pub oom_retries: AtomicU64,
+    pub oom_failures: AtomicU64,
+    pub batch_cap: AtomicUsize,
+}
+
+/// What a batched device call is doing, for [`Engine::inject_faults`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Admitting one job: its prompt embeddings, initial latents and ControlNet hints.
+    Encode,
+    /// One denoising step (UNet and ControlNets) for the jobs of a batch.
+    Denoise,
+    /// The VAE decode of finished jobs (or of some images of one job).
+    Decode,
+}
+
+/// A batched device call about to run, as a fault-injection hook sees it.
+#[derive(Debug, Clone)]
+pub struct StepInfo {
+    pub stage: Stage,
+    /// Jobs in the call.
+    pub jobs: usize,
+    /// Images in the call (a job of n images counts n; guidance does not double them).
+    pub images: usize,
+    /// Each job's first seed, in batch order: lets a test pick out a job.
+    pub seeds: Vec<u64>,
+}
+
+/// **Test-only.** Decides whether a device call fails as if it ran out of memory (`true`:
+/// it fails with [`simulated_out_of_memory`] before touching the device).
+pub type FaultHook = Arc<dyn Fn(&StepInfo) -> bool + Send + Sync>;
+
+/// The text cudarc gives a CUDA out-of-memory (`DriverError`'s Display is its Debug).
+const SIMULATED_OOM: &str = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+
+/// **Test-only.** The error candle returns when a CUDA allocation fails: a
+/// `candle_core::Error::Cuda` whose text is cudarc's `CUDA_ERROR_OUT_OF_MEMORY` driver error.
+/// Built without the `cuda` feature (cudarc's types are not there), so it is a stand-in with
+/// the same variant and text; [`is_out_of_memory`] sees no difference.
+pub fn simulated_out_of_memory() -> candle_core::Error {
+    #[derive(Debug)]
+    struct SimulatedOom;
+    impl std::fmt::Display for SimulatedOom {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(SIMULATED_OOM)
+        }
+    }
+    impl std::error::Error for SimulatedOom {}
+    candle_core::Error::Cuda(Box::new(SimulatedOom))
+}
+
+/// Whether an error (candle's, diffusion's wrapping it, or a panic's message) is the device
+/// running out of memory: cudarc's `CUDA_ERROR_OUT_OF_MEMORY` driver error (allocations,
+/// kernel launches) or a cuBLAS / cuDNN / cuRAND allocation failure.
+///
+/// By text: candle boxes CUDA errors as `candle_core::Error::Cuda(Box<dyn Error>)`, and the
+/// typed cudarc errors under it exist only in `cuda` builds, while these names are what their
+/// Display prints (the CUDA enum names) in every build. The names are specific enough not to
+/// match anything else; wrappers (backtraces, context) keep the inner text.
+pub fn is_out_of_memory(error: &dyn std::fmt::Display) -> bool {
+    const MARKERS: [&str; 4] = [
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "CUDNN_STATUS_ALLOC_FAILED",
+        "CURAND_STATUS_ALLOCATION_FAILED",
+    ];
+    let text = error.to_string();
+    MARKERS.iter().any(|m| text.contains(m))
 }
 
 /// A job whose adapters must be loaded before it can queue.
@@ -276,6 +364,7 @@ pub struct Engine {
     annotators: Arc<AnnotatorPool>,
     loader: Mutex<Option<mpsc::Sender<Loading>>>,
     stats: Arc<Stats>,
+    faults: Arc<Mutex<Option<FaultHook>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -316,10 +405,12 @@ impl Engine {
         let queue = Arc::new(queue::Queue::new(config.max_queue));
         let stats = Arc::new(Stats::default());
         let names = models.iter().map(|(n, _)| n.clone()).collect();
+        let faults = Arc::new(Mutex::new(None));
         let worker = worker::Worker::new(
             models.into_iter().map(|(_, m)| m).collect(),
             queue.clone(),
             stats.clone(),
+            faults.clone(),
             config,
         );
         let mut threads = vec![std::thread::Builder::new()
@@ -345,6 +436,7 @@ impl Engine {
             annotators,
             loader: Mutex::new(Some(loader)),
             stats,
+            faults,
             threads: Mutex::new(threads),
         }
     }
@@ -464,6 +556,14 @@ impl Engine {
         Ok(JobHandle { events: rx, cancel })
     }
 
+    /// **Test-only** (no server setting reaches it): from now on, every device call the worker
+    /// makes (see [`Stage`]) first asks `hook`, and when it says `true` the call fails with
+    /// [`simulated_out_of_memory`] instead of running, so tests exercise the out-of-memory
+    /// paths (classification, retry, failure) on the CPU. `None` removes the hook.
+    pub fn inject_faults(&self, hook: Option<FaultHook>) {
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
     /// Current queue, batch and cache figures.
     pub fn status(&self) -> Status {
         let s = &self.stats;
@@ -478,6 +578,9 @@ impl Engine {
             adapters: self.adapters.counters(),
             annotations_queued: self.queue.annotations(),
             annotators: self.annotators.counters(),
+            oom_retries: s.oom_retries.load(Ordering::SeqCst),
+            oom_failures: s.oom_failures.load(Ordering::SeqCst),
+            batch_cap: s.batch_cap.load(Ordering::SeqCst),
         }
     }
 

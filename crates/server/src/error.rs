@@ -16,7 +16,7 @@ pub struct ErrorBody {
     pub error: String,
     /// A stable kind: invalid_json, invalid_request, payload_too_large, unauthorized,
     /// forbidden, not_found, method_not_allowed, not_acceptable, overloaded, not_ready,
-    /// timeout, cancelled, internal.
+    /// out_of_memory, timeout, cancelled, internal.
     #[serde(rename = "type")]
     pub kind: String,
     /// The request field at fault (JSON path such as `controls[0].image`), if one is.
@@ -104,6 +104,11 @@ impl From<EngineError> for ApiError {
             // The server's own weight file is unreadable: not the client's fault.
             EngineError::AnnotatorLoad(_) | EngineError::Failed(_) => Self::internal(message),
             EngineError::Stopped => Self::not_ready(),
+            // The job ran out of device memory alone (batches are retried smaller first): a
+            // smaller request fits, or the same one may once other jobs have left.
+            EngineError::OutOfMemory(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "out_of_memory", message)
+            }
         }
     }
 }
@@ -246,5 +251,22 @@ mod tests {
         assert_eq!(e.body.field.as_deref(), Some("steps"));
         let e = parse_json::<Outer>(br#"{"steps": 1, "controls": [{}]}"#).unwrap_err();
         assert_eq!(e.body.field.as_deref(), Some("controls[0].scale"));
+    }
+
+    #[test]
+    fn out_of_device_memory_is_a_503_saying_what_to_do() {
+        let e = ApiError::from(EngineError::OutOfMemory("denoising".into()));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.body.kind, "out_of_memory");
+        assert_eq!(e.body.field, None);
+        assert!(
+            e.body.error.contains("out of device memory")
+                && e.body.error.contains("smaller size or fewer images"),
+            "{}",
+            e.body.error
+        );
+        let response = e.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
     }
 }
