@@ -1,12 +1,26 @@
 //! The UNet's building blocks, by their diffusers names.
 //!
-//! candle-transformers' resnet block and timestep embedding match diffusers and are reused. Its
-//! transformer blocks are not: its GEGLU uses the tanh approximation of GELU where diffusers uses
-//! the exact erf form (a ~1e-3 difference that breaks parity), so the attention stack is ours.
-use candle_core::{DType, Module, Result, Tensor, D};
+//! candle-transformers' timestep MLP is reused. Its transformer blocks are not: its GEGLU uses the
+//! tanh approximation of GELU where diffusers uses the exact erf form (a ~1e-3 difference that
+//! breaks parity), so the attention stack is ours. Its resnet block and sinusoidal timestep
+//! embedding are ours too, for half precision and for the device (see below).
+//!
+//! Half precision (f16 / bf16), as PyTorch and diffusers compute it:
+//! - the sinusoidal timestep embedding in f32 ([`Timesteps`]), cast to the model's dtype before
+//!   the time MLP (diffusers' `t_emb.to(dtype=sample.dtype)`, UNet and ControlNet alike);
+//! - group norm and layer norm with their statistics and their affine in f32, rounded once to
+//!   the input's dtype ([`GroupNorm`], [`LayerNorm`]: torch's kernels accumulate in f32);
+//! - attention: the softmax always in f32, the scores too with `upcast_attention`. diffusers runs
+//!   these through `scaled_dot_product_attention`, whose fused kernels keep the scores in f32 and
+//!   round the probabilities to half before `P·V`; here the scores `q·kᵀ` are rounded to half
+//!   first (without `upcast_attention`), a relative error of 2⁻¹¹ (f16) on each score, then
+//!   scaled and soft-maxed in f32, the probabilities rounded to half for `P·V` as in SDPA.
+//!
+//! Nothing here copies between host and device per call: constants (the timestep frequencies)
+//! are uploaded when the model is built.
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_transformers::models::stable_diffusion::embeddings::TimestepEmbedding;
 
 use crate::config::{AttentionSpec, EncoderSpec};
 
@@ -156,7 +170,8 @@ impl Module for FeedForward {
 }
 
 /// LayerNorm over the last dimension, computed in f32 from primitive ops (candle's fused
-/// layer-norm op has no backward; see [`Attention::forward`]).
+/// layer-norm op has no backward; see [`Attention::forward`]): statistics and affine in f32,
+/// the result rounded once to the input's dtype, as torch's layer norm does in half precision.
 #[derive(Debug)]
 pub(crate) struct LayerNorm {
     weight: Tensor,
@@ -171,8 +186,12 @@ impl LayerNorm {
 
     pub(crate) fn with_eps(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get_with_hints(dim, "weight", nn::Init::Const(1.0))?,
-            bias: vb.get_with_hints(dim, "bias", nn::Init::Const(0.0))?,
+            weight: vb
+                .get_with_hints(dim, "weight", nn::Init::Const(1.0))?
+                .to_dtype(DType::F32)?,
+            bias: vb
+                .get_with_hints(dim, "bias", nn::Init::Const(0.0))?
+                .to_dtype(DType::F32)?,
             eps,
         })
     }
@@ -186,9 +205,180 @@ impl Module for LayerNorm {
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         normed
-            .to_dtype(dtype)?
             .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+            .broadcast_add(&self.bias)?
+            .to_dtype(dtype)
+    }
+}
+
+/// `torch.nn.GroupNorm` as torch computes it in half precision: the statistics and the affine
+/// in f32, the result rounded once to the input's dtype. (candle_nn's group norm takes its
+/// statistics in f32 too, but rounds the normalised values to half before the affine: three
+/// roundings where torch has one.) In f32 it computes what candle_nn's does, op for op.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    /// f32, whatever the model's dtype.
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels")
+    }
+    let weight = vb.get_with_hints(channels, "weight", nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", nn::Init::Const(0.0))?;
+    Ok(GroupNorm {
+        weight: weight.to_dtype(DType::F32)?,
+        bias: bias.to_dtype(DType::F32)?,
+        groups,
+        eps,
+    })
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 3 {
+            candle_core::bail!("GroupNorm: input of rank {} (at least 3)", dims.len())
+        }
+        let (b, c) = (dims[0], dims[1]);
+        if c != self.weight.dim(0)? {
+            candle_core::bail!("GroupNorm: {c} channels, {} expected", self.weight.dim(0)?)
+        }
+        let n = dims[2..].iter().product::<usize>() * c / self.groups;
+        let dtype = x.dtype();
+        let xs = x.reshape((b, self.groups, n))?.to_dtype(DType::F32)?;
+        let mean = (xs.sum_keepdim(2)? / n as f64)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(2)? / n as f64)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut w_dims = vec![1; dims.len()];
+        w_dims[1] = c;
+        normed
+            .reshape(dims)?
+            .broadcast_mul(&self.weight.reshape(w_dims.clone())?)?
+            .broadcast_add(&self.bias.reshape(w_dims)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// diffusers' `ResnetBlock2D` (the `default` time-embedding norm, SiLU, no up/down sampling):
+/// `(shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))) / scale`.
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: nn::Conv2d,
+    norm2: GroupNorm,
+    conv2: nn::Conv2d,
+    time_emb_proj: Option<nn::Linear>,
+    /// A 1×1 conv when the channel count changes.
+    conv_shortcut: Option<nn::Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        let conv_shortcut = if c_in != c_out {
+            let cfg = Default::default();
+            Some(nn::conv2d(c_in, c_out, 1, cfg, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(groups, c_in, eps, vb.pp("norm1"))?,
+            conv1: conv3x3(vb.pp("conv1"), c_in, c_out, 1)?,
+            norm2: group_norm(groups, c_out, eps, vb.pp("norm2"))?,
+            conv2: conv3x3(vb.pp("conv2"), c_out, c_out, 1)?,
+            time_emb_proj: temb_channels
+                .map(|t| nn::linear(t, c_out, vb.pp("time_emb_proj")))
+                .transpose()?,
+            conv_shortcut,
+            output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self
+            .conv1
+            .forward(&nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        if let (Some(temb), Some(proj)) = (temb, &self.time_emb_proj) {
+            let t = proj.forward(&nn::ops::silu(temb)?)?;
+            h = h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
+        }
+        let h = self
+            .conv2
+            .forward(&nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        (shortcut + h)? / self.output_scale_factor
+    }
+}
+
+/// diffusers' `Timesteps` (`get_timestep_embedding` with `scale = 1`, `max_period = 10000`):
+/// `[sin(t·f), cos(t·f)]` (cos first with `flip_sin_to_cos`) for the frequencies
+/// `f_i = exp(−ln(10000)·i / (half − shift))`, in f32 whatever the timesteps' dtype: the
+/// arguments reach ~1000 rad, where half precision would be off by a quarter turn.
+#[derive(Debug)]
+pub struct Timesteps {
+    /// `[1, half]`, f32, on the model's device (uploaded once, here).
+    freqs: Tensor,
+    flip_sin_to_cos: bool,
+    odd: bool,
+}
+
+impl Timesteps {
+    pub fn new(
+        num_channels: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = num_channels / 2;
+        // diffusers' float32 ops: −ln(10000) · arange(half), divided by (half − shift) (as a
+        // multiplication by the f32 reciprocal, which is what candle's scalar division does and
+        // the parity fixtures were matched with), then exp.
+        let neg_log = -(10000f64.ln()) as f32;
+        let inv = (1.0 / (half as f64 - freq_shift)) as f32;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| ((neg_log * i as f32) * inv).exp())
+            .collect();
+        Ok(Self {
+            freqs: crate::transfer::upload(freqs, (1, half), device)?,
+            flip_sin_to_cos,
+            odd: num_channels % 2 == 1,
+        })
+    }
+
+    /// `[B]` timesteps (any dtype) → `[B, num_channels]`, f32.
+    pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
+        let args = timesteps
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&self.freqs)?;
+        let (sin, cos) = (args.sin()?, args.cos()?);
+        let emb = if self.flip_sin_to_cos {
+            Tensor::cat(&[&cos, &sin], D::Minus1)?
+        } else {
+            Tensor::cat(&[&sin, &cos], D::Minus1)?
+        };
+        if self.odd {
+            emb.pad_with_zeros(D::Minus1, 0, 1)
+        } else {
+            Ok(emb)
+        }
     }
 }
 
@@ -239,7 +429,7 @@ enum Projection {
 /// diffusers' `Transformer2DModel` (continuous input): the `attentions.{i}` of a block.
 #[derive(Debug)]
 pub struct Transformer2D {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Projection,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
@@ -252,7 +442,7 @@ impl Transformer2D {
         spec: AttentionSpec,
         enc: &EncoderSpec,
     ) -> Result<Self> {
-        let norm = nn::group_norm(enc.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let norm = group_norm(enc.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if enc.use_linear_projection {
             (
                 Projection::Linear(nn::linear(channels, channels, vb.pp("proj_in"))?),
@@ -311,15 +501,15 @@ fn resnet(
     enc: &EncoderSpec,
     output_scale_factor: f64,
 ) -> Result<ResnetBlock2D> {
-    let cfg = ResnetBlock2DConfig {
-        out_channels: Some(c_out),
-        temb_channels: Some(enc.time_embed_dim()),
-        groups: enc.norm_num_groups,
-        eps: enc.norm_eps,
+    ResnetBlock2D::new(
+        vb,
+        c_in,
+        c_out,
+        Some(enc.time_embed_dim()),
+        enc.norm_num_groups,
+        enc.norm_eps,
         output_scale_factor,
-        ..Default::default()
-    };
-    ResnetBlock2D::new(vb, c_in, cfg)
+    )
 }
 
 /// A down block (`DownBlock2D` or `CrossAttnDownBlock2D`): resnets, each optionally followed by
@@ -567,7 +757,7 @@ impl Encoder {
     pub fn new(vb: VarBuilder, spec: EncoderSpec) -> Result<Self> {
         let c0 = spec.blocks[0].out_channels;
         let conv_in = conv3x3(vb.pp("conv_in"), spec.in_channels, c0, 1)?;
-        let time_proj = Timesteps::new(c0, spec.flip_sin_to_cos, spec.freq_shift);
+        let time_proj = Timesteps::new(c0, spec.flip_sin_to_cos, spec.freq_shift, vb.device())?;
         let time_embedding =
             TimestepEmbedding::new(vb.pp("time_embedding"), c0, spec.time_embed_dim())?;
         let down_blocks = (0..spec.blocks.len())
@@ -584,8 +774,8 @@ impl Encoder {
         })
     }
 
-    /// Time embedding for per-sample timesteps `[B]` (any float dtype; computed in f32 as
-    /// diffusers does, then cast to the model's dtype).
+    /// Time embedding for per-sample timesteps `[B]` (any float dtype): the sinusoids in f32,
+    /// cast to `dtype` (the sample's) before the time MLP, where diffusers casts them.
     pub fn embed_time(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
         let t = self.time_proj.forward(&timesteps.to_dtype(DType::F32)?)?;
         self.time_embedding.forward(&t.to_dtype(dtype)?)
@@ -625,6 +815,109 @@ impl Encoder {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// A norm's weight and bias, `n` each, away from 1 and 0 so that the affine rounds.
+    fn affine_vb(n: usize, dtype: DType) -> VarBuilder<'static> {
+        let w: Vec<f32> = (0..n).map(|i| 0.7 + 0.013 * i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| 0.11 - 0.007 * i as f32).collect();
+        let map = std::collections::HashMap::from([
+            ("weight".to_string(), Tensor::new(w, &Device::Cpu).unwrap()),
+            ("bias".to_string(), Tensor::new(b, &Device::Cpu).unwrap()),
+        ]);
+        VarBuilder::from_tensors(map, dtype, &Device::Cpu)
+    }
+
+    #[test]
+    fn timestep_embedding_is_f32_whatever_the_input_dtype() {
+        let dev = Device::Cpu;
+        let proj = Timesteps::new(64, true, 0.0, &dev).unwrap();
+        // 999 and 981 are exact in f16 (not in bf16, which the timesteps are never given in);
+        // their products with the frequencies are not.
+        let ts = [999.0f32, 981.0, 1.0];
+        let reference: Vec<f64> = ts
+            .iter()
+            .flat_map(|&t| {
+                let f = |i: usize| (-(10000f64.ln()) * i as f64 / 32.0).exp();
+                let cos = (0..32).map(move |i| (t as f64 * f(i)).cos());
+                let sin = (0..32).map(move |i| (t as f64 * f(i)).sin());
+                cos.chain(sin).collect::<Vec<_>>()
+            })
+            .collect();
+        for dtype in [DType::F32, DType::F16] {
+            let t = Tensor::new(&ts, &dev).unwrap().to_dtype(dtype).unwrap();
+            let emb = proj.forward(&t).unwrap();
+            assert_eq!(emb.dtype(), DType::F32);
+            let err = values(&emb)
+                .iter()
+                .zip(&reference)
+                .map(|(&a, &b)| (a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            // f32 arguments of ~1000 rad are good to ~1e-4; in f16 they would be off by up
+            // to 0.25 rad.
+            assert!(err < 2e-4, "{dtype:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn group_norm_takes_f32_statistics_and_rounds_once() {
+        let dev = Device::Cpu;
+        // 2 groups of 4 channels × 32×32: values ~1000, whose f16 sum (4e6) would overflow
+        // f16's 65504 and whose spread the f16 mean would lose.
+        let n = 8 * 32 * 32;
+        let x: Vec<f32> = (0..n)
+            .map(|i| 1000.0 + 3.0 * ((i * 7) % 13) as f32)
+            .collect();
+        let x32 = Tensor::from_vec(x, (1, 8, 32, 32), &dev).unwrap();
+        for dtype in [DType::F16, DType::BF16] {
+            let x = x32.to_dtype(dtype).unwrap();
+            let gn = group_norm(2, 8, 1e-5, affine_vb(8, dtype)).unwrap();
+            let out = gn.forward(&x).unwrap();
+            assert_eq!(out.dtype(), dtype);
+            // The same computation on the same (exactly widened) values in f32, rounded once.
+            let wide = gn.forward(&x.to_dtype(DType::F32).unwrap()).unwrap();
+            assert_eq!(
+                values(&out),
+                values(&wide.to_dtype(dtype).unwrap()),
+                "{dtype:?}"
+            );
+            assert!(values(&out).iter().all(|v| v.is_finite()));
+            // And candle_nn's, which rounds to half before the affine, is not that.
+            let theirs = candle_nn::group_norm(2, 8, 1e-5, affine_vb(8, dtype)).unwrap();
+            let theirs = theirs.forward(&x).unwrap();
+            assert_ne!(values(&theirs), values(&out), "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_takes_f32_statistics_and_rounds_once() {
+        let dev = Device::Cpu;
+        let d = 768;
+        let x: Vec<f32> = (0..3 * d)
+            .map(|i| 300.0 + 0.25 * ((i * 5) % 11) as f32)
+            .collect();
+        let x32 = Tensor::from_vec(x, (3, d), &dev).unwrap();
+        for dtype in [DType::F16, DType::BF16] {
+            let x = x32.to_dtype(dtype).unwrap();
+            let ln = LayerNorm::new(affine_vb(d, dtype), d).unwrap();
+            let out = ln.forward(&x).unwrap();
+            assert_eq!(out.dtype(), dtype);
+            let wide = ln.forward(&x.to_dtype(DType::F32).unwrap()).unwrap();
+            assert_eq!(
+                values(&out),
+                values(&wide.to_dtype(dtype).unwrap()),
+                "{dtype:?}"
+            );
+        }
+    }
 
     #[test]
     fn sliced_attention_equals_whole() {

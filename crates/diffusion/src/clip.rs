@@ -211,6 +211,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// The causal mask for the longest input, made once (an upload) and narrowed per call.
+    mask: Tensor,
 }
 
 /// The weight file of a transformers model folder, in transformers' order of preference (and
@@ -244,12 +246,14 @@ impl ClipTextModel {
             .collect::<Result<_>>()?;
         let final_layer_norm =
             LayerNorm::with_eps(vb.pp("final_layer_norm"), d, config.layer_norm_eps)?;
+        let mask = causal_mask(config.max_position_embeddings, vb.device())?;
         Ok(Self {
             config: config.clone(),
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
+            mask,
         })
     }
 
@@ -306,30 +310,45 @@ impl ClipTextModel {
     /// A1111's "Clip skip" setting counts differently: its 1 is the normal output and its 2
     /// (the usual choice for anime-style SD 1.x models) is diffusers' `clip_skip = 1`, so
     /// diffusers' value is A1111's minus one.
+    ///
+    /// The ids are checked against the vocabulary, which reads them back (a device→host copy);
+    /// [`Self::encode_chunks`] checks them on the host instead.
     pub fn forward_with_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let ids_host = crate::transfer::download::<u32>(&ids)?;
+        self.check_ids(&ids_host)?;
+        self.run(&ids, clip_skip)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&top) = ids.iter().max() {
+            if top as usize >= self.config.vocab_size {
+                candle_core::bail!(
+                    "token id {top} is outside the text encoder's vocabulary of {}",
+                    self.config.vocab_size
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::forward_with_clip_skip`] for u32 ids already checked.
+    fn run(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         let n_layers = self.layers.len();
         if clip_skip > n_layers {
             candle_core::bail!("clip_skip {clip_skip} is more than the {n_layers} encoder layers")
         }
-        let (_, t) = input_ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         let max = self.config.max_position_embeddings;
         if t > max {
             candle_core::bail!("{t} tokens, the text encoder takes at most {max}")
         }
-        let ids = input_ids.to_dtype(DType::U32)?;
-        let top = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
-        if top >= self.config.vocab_size {
-            candle_core::bail!(
-                "token id {top} is outside the text encoder's vocabulary of {}",
-                self.config.vocab_size
-            )
-        }
         let positions = self.position_embedding.narrow(0, 0, t)?;
         let mut xs = self
             .token_embedding
-            .forward(&ids)?
+            .forward(ids)?
             .broadcast_add(&positions)?;
-        let mask = causal_mask(t, self.device())?;
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
         for layer in &self.layers[..n_layers - clip_skip] {
             xs = layer.forward(&xs, &mask)?;
         }
@@ -344,8 +363,9 @@ impl ClipTextModel {
             candle_core::bail!("no token chunks to encode")
         }
         let flat: Vec<u32> = chunks.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, (chunks.len(), chunks[0].len()), self.device())?;
-        let out = self.forward_with_clip_skip(&ids, clip_skip)?;
+        self.check_ids(&flat)?;
+        let ids = crate::transfer::upload(flat, (chunks.len(), chunks[0].len()), self.device())?;
+        let out = self.run(&ids, clip_skip)?;
         let (n, t, d) = out.dims3()?;
         out.reshape((1, n * t, d))
     }
@@ -356,7 +376,7 @@ fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(mask, (t, t), device)
+    crate::transfer::upload(mask, (t, t), device)
 }
 
 /// `"text_model"` or `""`: where the weights of a transformers CLIP text model file start.

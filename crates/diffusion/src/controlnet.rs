@@ -386,7 +386,9 @@ impl ControlNetModel {
             .map(|w| (w * conditioning_scale) as f32)
             .collect();
         let b = sample.dim(0)?;
-        let weights = Tensor::new(row.as_slice(), sample.device())?
+        // An upload per call: the denoising loop calls `forward_weighted` instead, with weights
+        // made on the device.
+        let weights = crate::transfer::upload(row, n, sample.device())?
             .unsqueeze(0)?
             .repeat((b, 1))?;
         self.forward_weighted(sample, timesteps, encoder_hidden_states, cond, &weights)

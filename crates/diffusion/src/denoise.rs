@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::control::{self, ControlMode};
 use crate::controlnet::{ControlNetModel, ControlResiduals};
 use crate::schedulers::{NoiseSource, Scheduler};
+use crate::transfer;
 use crate::unet::UNet2DConditionModel;
 
 /// One ControlNet as one job uses it.
@@ -46,7 +47,13 @@ pub struct PerImageNoise<S> {
 }
 
 impl<S: NoiseSource> NoiseSource for PerImageNoise<S> {
+    /// One upload for all the images.
     fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> crate::Result<Tensor> {
+        let values = self.randn_host(shape)?;
+        Ok(transfer::upload(values, shape, device)?.to_dtype(dtype)?)
+    }
+
+    fn randn_host(&mut self, shape: &[usize]) -> crate::Result<Vec<f32>> {
         let n = self.sources.len();
         if shape.first() != Some(&n) {
             return Err(crate::Error::Scheduler(format!(
@@ -55,12 +62,71 @@ impl<S: NoiseSource> NoiseSource for PerImageNoise<S> {
         }
         let mut one = shape.to_vec();
         one[0] = 1;
-        let parts = self
-            .sources
-            .iter_mut()
-            .map(|s| s.randn(&one, dtype, device))
-            .collect::<crate::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        let mut values = Vec::with_capacity(shape.iter().product());
+        for s in &mut self.sources {
+            values.extend(s.randn_host(&one)?);
+        }
+        Ok(values)
+    }
+}
+
+/// The noise a stochastic scheduler will draw during a job, drawn up front and uploaded in one
+/// copy, so that its steps copy nothing (an f32 latent per step: 64 KiB per 512² image).
+/// `count` draws of `shape` are taken from `source` in order, which is the order the steps
+/// would have taken them in; later draws, or draws of another shape or device, go to `source`
+/// (continuing its stream, each an upload of its own).
+pub struct PrefetchedNoise<S> {
+    source: S,
+    shape: Vec<usize>,
+    /// `[count, shape...]`, f32, on the device.
+    draws: Option<Tensor>,
+    count: usize,
+    next: usize,
+}
+
+impl<S: NoiseSource> PrefetchedNoise<S> {
+    pub fn new(
+        mut source: S,
+        shape: &[usize],
+        count: usize,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        let mut values = Vec::with_capacity(count * shape.iter().product::<usize>());
+        for _ in 0..count {
+            values.extend(source.randn_host(shape)?);
+        }
+        let draws = if count == 0 {
+            None
+        } else {
+            let dims: Vec<usize> = std::iter::once(count)
+                .chain(shape.iter().copied())
+                .collect();
+            Some(transfer::upload(values, dims, device)?)
+        };
+        Ok(Self {
+            source,
+            shape: shape.to_vec(),
+            draws,
+            count,
+            next: 0,
+        })
+    }
+}
+
+impl<S: NoiseSource> NoiseSource for PrefetchedNoise<S> {
+    fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> crate::Result<Tensor> {
+        match &self.draws {
+            Some(draws)
+                if self.next < self.count
+                    && shape == self.shape.as_slice()
+                    && draws.device().same_device(device) =>
+            {
+                let z = draws.get(self.next)?.to_dtype(dtype)?;
+                self.next += 1;
+                Ok(z)
+            }
+            _ => self.source.randn(shape, dtype, device),
+        }
     }
 }
 
@@ -104,12 +170,23 @@ impl DenoiseJob {
     }
 }
 
-/// Rows of one ControlNet's sub-batch.
+/// One ControlNet's sub-batch: runs of consecutive batch rows (a job's conditional rows, and its
+/// unconditional ones when the control applies to them), in the order they are stacked for the
+/// net, each with the per-residual weights of the control that asked for it.
 struct NetRows {
     net: Arc<ControlNetModel>,
-    rows: Vec<u32>,
-    hints: Vec<Tensor>,
-    weights: Vec<f32>,
+    /// `(first batch row, rows, hint, weights)`.
+    runs: Vec<(usize, usize, Tensor, Vec<f64>)>,
+}
+
+impl NetRows {
+    /// Whether batch rows `first..first + len` are already in this sub-batch (a job using the
+    /// same net twice): the scatter back does not sum, so such a run goes to another call.
+    fn overlaps(&self, first: usize, len: usize) -> bool {
+        self.runs
+            .iter()
+            .any(|&(f, l, _, _)| first < f + l && f < first + len)
+    }
 }
 
 /// Advances every job by one step with one UNet call. All jobs must share the latent size and
@@ -123,6 +200,10 @@ pub fn step_batch(unet: &UNet2DConditionModel, jobs: &mut [&mut DenoiseJob]) -> 
 /// ControlNets, UNet) failed and no job was changed, so each job may be retried alone to find
 /// the culprit. Otherwise each job gets its own outcome from its guidance and scheduler step;
 /// a job that failed there is in an unspecified state and must be dropped.
+///
+/// No host↔device copy happens here (see [`crate::transfer`]): the per-row timesteps and
+/// ControlNet weights are filled on the device ([`Tensor::full`]), rows are gathered and
+/// scattered with `narrow`/`cat`, and the schedulers apply their coefficients as scalars.
 pub fn step_batch_each(
     unet: &UNet2DConditionModel,
     jobs: &mut [&mut DenoiseJob],
@@ -133,10 +214,10 @@ pub fn step_batch_each(
     let device = unet.device().clone();
     let dtype = unet.dtype();
     let mut inputs = Vec::with_capacity(jobs.len());
-    let mut timesteps: Vec<f32> = Vec::new();
+    let mut timesteps = Vec::with_capacity(jobs.len());
     let mut embeddings = Vec::with_capacity(jobs.len());
     let mut nets: Vec<NetRows> = Vec::new();
-    let mut row = 0u32;
+    let mut row = 0usize;
     for job in jobs.iter() {
         if job.is_done() {
             return Err(crate::Error::Scheduler("a finished job was stepped".into()));
@@ -152,8 +233,9 @@ pub fn step_batch_each(
         } else {
             scaled
         };
-        let t = job.scheduler.timesteps()[job.step] as f32;
-        timesteps.extend(std::iter::repeat_n(t, job.n_rows()));
+        // The f32 timestep, filled on the device (the UNet embeds it in f32).
+        let t = job.scheduler.timesteps()[job.step];
+        timesteps.push(transfer::full(t, job.n_rows(), DType::F32, &device)?);
         inputs.push(rows);
         embeddings.push(job.embeddings.to_dtype(dtype)?);
 
@@ -169,55 +251,106 @@ pub fn step_batch_each(
                 c.net.n_residuals(),
                 c.net.config.global_pool_conditions,
             );
-            let entry = match nets.iter_mut().position(|e| Arc::ptr_eq(&e.net, &c.net)) {
-                Some(k) => &mut nets[k],
-                None => {
-                    nets.push(NetRows {
-                        net: c.net.clone(),
-                        rows: Vec::new(),
-                        hints: Vec::new(),
-                        weights: Vec::new(),
-                    });
-                    nets.last_mut().unwrap()
-                }
-            };
             // Conditional rows follow the unconditional ones when guided.
-            let cond_first = row + if guided { n as u32 } else { 0 };
-            let mut job_rows: Vec<u32> = (cond_first..cond_first + n as u32).collect();
+            let cond_first = row + if guided { n } else { 0 };
+            let mut job_runs = vec![cond_first];
             if guided && app.on_uncond {
-                job_rows.extend(row..row + n as u32);
+                job_runs.push(row);
             }
-            for &r in &job_rows {
-                entry.rows.push(r);
-                entry.hints.push(c.hint.clone());
-                entry.weights.extend(app.weights.iter().map(|&w| w as f32));
+            for first in job_runs {
+                let entry = match nets
+                    .iter()
+                    .position(|e| Arc::ptr_eq(&e.net, &c.net) && !e.overlaps(first, n))
+                {
+                    Some(k) => &mut nets[k],
+                    None => {
+                        nets.push(NetRows {
+                            net: c.net.clone(),
+                            runs: Vec::new(),
+                        });
+                        nets.last_mut().expect("just pushed")
+                    }
+                };
+                let hint = if n == 1 {
+                    c.hint.clone()
+                } else {
+                    c.hint.repeat((n, 1, 1, 1))?
+                };
+                entry.runs.push((first, n, hint, app.weights.clone()));
             }
         }
-        row += job.n_rows() as u32;
+        row += job.n_rows();
     }
-    let batch = row as usize;
+    let batch = row;
     let sample = Tensor::cat(&inputs, 0)?;
-    let timesteps = Tensor::new(timesteps.as_slice(), &device)?;
+    let timesteps = Tensor::cat(&timesteps, 0)?;
     let embeddings = Tensor::cat(&embeddings, 0)?;
 
     let mut residuals: Option<ControlResiduals> = None;
     for entry in &nets {
-        let idx = Tensor::new(entry.rows.as_slice(), &device)?;
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            let parts = entry
+                .runs
+                .iter()
+                .map(|&(first, len, _, _)| t.narrow(0, first, len))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        };
         let n_res = entry.net.n_residuals();
-        let weights = Tensor::from_vec(entry.weights.clone(), (entry.rows.len(), n_res), &device)?;
-        let hints = Tensor::cat(&entry.hints, 0)?;
+        // `[rows, n_res]`: each run's weights, column by column, filled on the device.
+        let weights = entry
+            .runs
+            .iter()
+            .map(|(_, len, _, w)| {
+                let cols = w
+                    .iter()
+                    .map(|&wk| transfer::full(wk as f32 as f64, (*len, 1), DType::F32, &device))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&cols, 1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weights = Tensor::cat(&weights, 0)?;
+        debug_assert_eq!(weights.dim(1)?, n_res);
+        let hints = entry
+            .runs
+            .iter()
+            .map(|(_, _, h, _)| h.clone())
+            .collect::<Vec<_>>();
         let out = entry.net.forward_weighted(
-            &sample.index_select(&idx, 0)?,
-            &timesteps.index_select(&idx, 0)?,
-            &embeddings.index_select(&idx, 0)?,
-            &hints,
+            &gather(&sample)?,
+            &gather(&timesteps)?,
+            &gather(&embeddings)?,
+            &Tensor::cat(&hints, 0)?,
             &weights,
         )?;
-        // Scatter into the batch's rows (rows without this net get zeros), on the device.
+        // Scatter into the batch's rows (rows without this net get zeros), on the device: the
+        // runs in batch order, zeros in the gaps.
+        let mut order: Vec<(usize, usize, usize)> = Vec::with_capacity(entry.runs.len());
+        let mut at = 0;
+        for &(first, len, _, _) in &entry.runs {
+            order.push((first, len, at));
+            at += len;
+        }
+        order.sort_unstable_by_key(|&(first, _, _)| first);
         let scatter = |r: &Tensor| -> Result<Tensor> {
-            let mut dims = r.dims().to_vec();
-            dims[0] = batch;
-            Tensor::zeros(dims, r.dtype(), r.device())?.index_add(&idx, r, 0)
+            let zeros = |rows: usize| {
+                let mut dims = r.dims().to_vec();
+                dims[0] = rows;
+                Tensor::zeros(dims, r.dtype(), r.device())
+            };
+            let mut parts = Vec::with_capacity(2 * order.len() + 1);
+            let mut next = 0;
+            for &(first, len, at) in &order {
+                if first > next {
+                    parts.push(zeros(first - next)?);
+                }
+                parts.push(r.narrow(0, at, len)?);
+                next = first + len;
+            }
+            if next < batch {
+                parts.push(zeros(batch - next)?);
+            }
+            Tensor::cat(&parts, 0)
         };
         let full = ControlResiduals {
             down: out.down.iter().map(scatter).collect::<Result<_>>()?,

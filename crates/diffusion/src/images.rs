@@ -88,36 +88,31 @@ pub fn fit(img: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImag
 }
 
 /// `[1, 3, H, W]` in 0..1 on `device` (the ControlNet hint convention).
+/// One upload (of the bytes), counted by [`crate::transfer`].
 pub fn to_unit_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();
-    Tensor::from_vec(
-        img.as_raw().clone(),
-        (h as usize, w as usize, 3),
-        &Device::Cpu,
-    )?
-    .permute((2, 0, 1))?
-    .to_dtype(DType::F32)?
-    .affine(1.0 / 255.0, 0.0)?
-    .unsqueeze(0)?
-    .to_device(device)
+    crate::transfer::upload(img.as_raw().clone(), (h as usize, w as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?
+        .affine(1.0 / 255.0, 0.0)?
+        .unsqueeze(0)
 }
 
 /// `[n, 3, H, W]` in −1..1 (the VAE's range) → images, as diffusers post-processes:
-/// `round(clamp(x/2 + 0.5, 0, 1) · 255)`.
+/// `round(clamp(x/2 + 0.5, 0, 1) · 255)`, computed on the device: one download (of the bytes).
 pub fn from_signed_tensor(t: &Tensor) -> Result<Vec<RgbImage>> {
     let (n, c, h, w) = t.dims4()?;
     if c != 3 {
         candle_core::bail!("expected 3 channels, got {c}")
     }
-    let bytes = ((t.to_dtype(DType::F32)? / 2.0)? + 0.5)?
-        .clamp(0f32, 1f32)?
-        .affine(255.0, 0.0)?
-        .round()?
-        .permute((0, 2, 3, 1))?
-        .to_dtype(DType::U8)?
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<u8>()?;
+    let unit = crate::transfer::clamp(&((t.to_dtype(DType::F32)? / 2.0)? + 0.5)?, 0.0, 1.0)?;
+    let bytes = crate::transfer::download::<u8>(
+        &unit
+            .affine(255.0, 0.0)?
+            .round()?
+            .permute((0, 2, 3, 1))?
+            .to_dtype(DType::U8)?,
+    )?;
     let per = h * w * 3;
     Ok((0..n)
         .map(|i| {

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod transfer;
 pub mod torch_pickle;
 pub mod unet;
 pub mod vae;

@@ -1,6 +1,15 @@
 //! The Stable Diffusion + ControlNet pipeline: a loaded model, and requests turned into
 //! [`DenoiseJob`]s, stepped, and decoded to images. Same semantics as diffusers'
 //! `StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline`, with A1111's long prompts.
+//!
+//! Precision: the models run in the dtype they are loaded in (the VAE possibly in f32, see
+//! [`VaeUpcast`]); the latents between steps and the schedulers' arithmetic stay in f32 whatever
+//! that dtype (diffusers keeps its latents in the model's dtype and computes DDIM, DPM-Solver and
+//! UniPC steps in it, upcasting only in the Euler family: keeping f32 is at least as precise).
+//!
+//! Copies: a generation uploads its prompt tokens, hints, init image and mask and its noise
+//! (all of a stochastic scheduler's included, [`PrefetchedNoise`]) before the loop and downloads
+//! the images after it; the loop itself copies nothing ([`crate::transfer`]).
 use candle_core::{DType, Device, Tensor};
 use image::{GrayImage, RgbImage};
 use std::path::Path;
@@ -10,7 +19,7 @@ use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::config::UNetConfig;
 use crate::control::ControlMode;
 use crate::controlnet::ControlNetModel;
-use crate::denoise::{self, DenoiseJob, InpaintBlend, JobControl, PerImageNoise};
+use crate::denoise::{self, DenoiseJob, InpaintBlend, JobControl, PerImageNoise, PrefetchedNoise};
 use crate::images::{self, ResizeMode};
 use crate::schedulers::{self, NoiseSource, SchedulerConfig, SchedulerKind, SchedulerOptions};
 use crate::tokenizer::ClipTokenizer;
@@ -26,6 +35,54 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub tokenizer: ClipTokenizer,
     pub scheduler_config: SchedulerConfig,
+}
+
+/// Which dtype the VAE is loaded in when the other models are in half precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeUpcast {
+    /// The models' dtype. diffusers' SD 1.x / 2.x pipelines (`StableDiffusionPipeline`,
+    /// `StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline`) do this: they ignore the VAE
+    /// config's `force_upcast`.
+    #[default]
+    Never,
+    /// f32 when the models are f16 and the VAE config's `force_upcast` is set (true unless the
+    /// config says otherwise, as in diffusers' `AutoencoderKL`): diffusers' SDXL pipelines'
+    /// rule (`needs_upcasting = vae.dtype == float16 and vae.config.force_upcast`), which also
+    /// encodes img2img images in f32. bf16 is not upcast (its range is f32's).
+    ForceUpcastConfig,
+    /// f32 whatever the models' dtype.
+    Always,
+}
+
+impl VaeUpcast {
+    /// The VAE's dtype for models in `dtype`.
+    pub fn vae_dtype(self, dtype: DType, config: &VaeConfig) -> DType {
+        match self {
+            VaeUpcast::Never => dtype,
+            VaeUpcast::ForceUpcastConfig if dtype == DType::F16 && config.force_upcast => {
+                DType::F32
+            }
+            VaeUpcast::ForceUpcastConfig => dtype,
+            VaeUpcast::Always => DType::F32,
+        }
+    }
+}
+
+/// How to load a model: the dtype of its weights and computation, and the VAE's exception.
+/// A bare [`DType`] converts to this with the VAE in that dtype too (diffusers' default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub vae_upcast: VaeUpcast,
+}
+
+impl From<DType> for LoadOptions {
+    fn from(dtype: DType) -> Self {
+        Self {
+            dtype,
+            vae_upcast: VaeUpcast::default(),
+        }
+    }
 }
 
 /// The configs of an original single-file checkpoint's models. A file carries none; each
@@ -118,7 +175,9 @@ impl StableDiffusion {
     /// Loads a diffusers folder (`model_index.json` with `unet/`, `vae/`, `text_encoder/`,
     /// `tokenizer/`, `scheduler/`) or an original single-file SD 1.x checkpoint
     /// (`v1-5-pruned-emaonly.safetensors` style), whose tokenizer and scheduler are SD 1.5's.
-    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(path: &Path, options: impl Into<LoadOptions>, device: &Device) -> Result<Self> {
+        let options = options.into();
+        let dtype = options.dtype;
         if path.is_dir() {
             if !path.join("model_index.json").is_file() {
                 return Err(Error::Weights(format!(
@@ -128,7 +187,12 @@ impl StableDiffusion {
             }
             return Ok(Self {
                 unet: UNet2DConditionModel::from_diffusers_dir(&path.join("unet"), dtype, device)?,
-                vae: AutoencoderKL::from_diffusers_dir(&path.join("vae"), dtype, device)?,
+                vae: {
+                    let dir = path.join("vae");
+                    let config = VaeConfig::from_file(&dir.join("config.json"))?;
+                    let vae_dtype = options.vae_upcast.vae_dtype(dtype, &config);
+                    AutoencoderKL::from_diffusers_dir(&dir, vae_dtype, device)?
+                },
                 text_encoder: ClipTextModel::from_diffusers_dir(
                     &path.join("text_encoder"),
                     dtype,
@@ -140,7 +204,7 @@ impl StableDiffusion {
                 )?,
             });
         }
-        Self::load_single_file(path, SingleFileConfigs::default(), None, dtype, device)
+        Self::load_single_file(path, SingleFileConfigs::default(), None, options, device)
     }
 
     /// Loads an original single-file SD 1.x checkpoint with the given model configs (see
@@ -150,14 +214,21 @@ impl StableDiffusion {
         path: &Path,
         configs: SingleFileConfigs,
         tokenizer: Option<ClipTokenizer>,
-        dtype: DType,
+        options: impl Into<LoadOptions>,
         device: &Device,
     ) -> Result<Self> {
+        let options = options.into();
+        let dtype = options.dtype;
         // The text encoder first: it refuses SD 2.x files (OpenCLIP) by name, before gigabytes
         // of UNet are read.
         let text_encoder =
             ClipTextModel::from_single_file(path, configs.text_encoder, dtype, device)?;
-        let vae = AutoencoderKL::from_single_file(path, configs.vae, dtype, device)?;
+        let vae_config = match configs.vae {
+            Some(c) => c,
+            None => crate::ldm::infer_vae_config(&WeightFile::open(path)?)?,
+        };
+        let vae_dtype = options.vae_upcast.vae_dtype(dtype, &vae_config);
+        let vae = AutoencoderKL::from_single_file(path, Some(vae_config), vae_dtype, device)?;
         let unet = UNet2DConditionModel::from_single_file(
             WeightFile::open(path)?,
             configs.unet,
@@ -269,7 +340,7 @@ impl StableDiffusion {
                         given.dims()
                     )));
                 }
-                given.to_device(&device)?.to_dtype(DType::F32)?
+                crate::transfer::to_device(given, &device)?.to_dtype(DType::F32)?
             }
             None => noise.randn(&latent_shape, DType::F32, &device)?,
         };
@@ -325,6 +396,16 @@ impl StableDiffusion {
             }
         };
 
+        // A stochastic scheduler draws noise at every step: all of it is drawn now, after the
+        // initial noise as before, and uploaded in one copy.
+        let options = SchedulerOptions { eta: req.eta };
+        let noise: Box<dyn NoiseSource + Send> = if req.scheduler.is_stochastic(&options) {
+            let draws = req.steps - start_step;
+            Box::new(PrefetchedNoise::new(noise, &latent_shape, draws, &device)?)
+        } else {
+            Box::new(noise)
+        };
+
         let controls = req
             .controls
             .iter()
@@ -370,7 +451,7 @@ impl StableDiffusion {
             embeddings,
             guidance_scale: req.guidance_scale,
             controls,
-            noise: Box::new(noise),
+            noise,
             inpaint,
         })
     }
@@ -436,5 +517,5 @@ fn mask_to_latent(mask: &GrayImage, h: usize, w: usize, device: &Device) -> Resu
         .pixels()
         .map(|p| if p[0] >= 128 { 1.0 } else { 0.0 })
         .collect();
-    Ok(Tensor::from_vec(values, (1, 1, h, w), device)?)
+    Ok(crate::transfer::upload(values, (1, 1, h, w), device)?)
 }

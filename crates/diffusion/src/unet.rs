@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{self as nn, VarBuilder};
 use std::path::Path;
 
-use crate::blocks::{Encoder, UpBlock};
+use crate::blocks::{self, Encoder, GroupNorm, UpBlock};
 use crate::config::{EncoderSpec, UNetConfig};
 use crate::controlnet::ControlResiduals;
 use crate::weights::WeightFile;
@@ -16,7 +16,7 @@ pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     encoder: Encoder,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2d,
     center_input_sample: bool,
 }
@@ -32,7 +32,7 @@ impl UNet2DConditionModel {
         let up_blocks = (0..spec.blocks.len())
             .map(|i| UpBlock::new(vb.pp(format!("up_blocks.{i}")), &spec, i))
             .collect::<Result<_>>()?;
-        let conv_norm_out = nn::group_norm(
+        let conv_norm_out = blocks::group_norm(
             spec.norm_num_groups,
             c0,
             spec.norm_eps,

@@ -1,19 +1,19 @@
 //! `AutoencoderKL`, the VAE of SD 1.x / 2.x: images to latent distributions and latents back to
 //! images, by diffusers' names and numerics.
 //!
-//! candle-transformers' resnet block is reused (it matches diffusers; the UNet's parity tests
-//! cover it). Its VAE is not: its latent distribution does not clamp the log-variance to
+//! The resnet block and group norm are the UNet's ([`crate::blocks`], half precision as torch
+//! computes it). candle-transformers' VAE is not used: its latent distribution does not clamp the log-variance to
 //! [-30, 20] as diffusers does, keeps mean and std private and draws its own noise (no mode, no
 //! caller-supplied noise); its config is not read from `config.json` and cannot drop the mid
 //! block's attention; and its attention scales q and k by d^-1/4 each where diffusers scales
 //! the scores once (same math, other rounding). The encoder and decoder here are short.
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::blocks::{group_norm, GroupNorm, ResnetBlock2D};
 use crate::weights::WeightFile;
 use crate::Error;
 
@@ -80,9 +80,10 @@ pub struct VaeConfig {
     pub latents_mean: Option<serde_json::Value>,
     #[serde(default)]
     pub latents_std: Option<serde_json::Value>,
-    /// diffusers' pipelines run a half-precision VAE in f32 when this is set (the SD VAEs
-    /// overflow f16 when decoding large images); the pipeline decides, the model runs in the
-    /// dtype it was loaded in.
+    /// diffusers' SDXL-family pipelines run an f16 VAE in f32 when this is set (the SD VAEs
+    /// overflow f16 when decoding large images); its SD 1.x / 2.x (ControlNet) pipelines ignore
+    /// it. The loader decides ([`crate::pipeline::VaeUpcast`]); the model runs in the dtype it
+    /// was loaded in.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
     #[serde(default = "default_true")]
@@ -177,15 +178,7 @@ impl VaeConfig {
 
 /// The VAE's resnets: no time embedding, eps 1e-6.
 fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<ResnetBlock2D> {
-    let cfg = ResnetBlock2DConfig {
-        out_channels: Some(c_out),
-        temb_channels: None,
-        groups,
-        eps: 1e-6,
-        output_scale_factor: 1.0,
-        ..Default::default()
-    };
-    ResnetBlock2D::new(vb, c_in, cfg)
+    ResnetBlock2D::new(vb, c_in, c_out, None, groups, 1e-6, 1.0)
 }
 
 fn conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize) -> Result<nn::Conv2d> {
@@ -201,7 +194,7 @@ fn conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize) -> R
 /// one head of the full width, group norm in front, residual connection).
 #[derive(Debug)]
 struct SpatialAttention {
-    group_norm: nn::GroupNorm,
+    group_norm: GroupNorm,
     to_q: nn::Linear,
     to_k: nn::Linear,
     to_v: nn::Linear,
@@ -212,7 +205,7 @@ struct SpatialAttention {
 impl SpatialAttention {
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            group_norm: nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
             to_q: nn::linear(channels, channels, vb.pp("to_q"))?,
             to_k: nn::linear(channels, channels, vb.pp("to_k"))?,
             to_v: nn::linear(channels, channels, vb.pp("to_v"))?,
@@ -288,7 +281,7 @@ struct Encoder {
     conv_in: nn::Conv2d,
     down_blocks: Vec<Level>,
     mid_block: MidBlock,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2d,
 }
 
@@ -318,7 +311,7 @@ impl Encoder {
             conv_in: conv(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1)?,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), c_last, cfg)?,
-            conv_norm_out: nn::group_norm(groups, c_last, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, c_last, 1e-6, vb.pp("conv_norm_out"))?,
             conv_out: conv(vb.pp("conv_out"), c_last, 2 * cfg.latent_channels, 3, 1)?,
         })
     }
@@ -346,7 +339,7 @@ struct Decoder {
     conv_in: nn::Conv2d,
     mid_block: MidBlock,
     up_blocks: Vec<Level>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2d,
 }
 
@@ -376,7 +369,7 @@ impl Decoder {
             conv_in: conv(vb.pp("conv_in"), cfg.latent_channels, rev[0], 3, 1)?,
             mid_block: MidBlock::new(vb.pp("mid_block"), rev[0], cfg)?,
             up_blocks,
-            conv_norm_out: nn::group_norm(groups, c0, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, c0, 1e-6, vb.pp("conv_norm_out"))?,
             conv_out: conv(vb.pp("conv_out"), c0, cfg.out_channels, 3, 1)?,
         })
     }
@@ -413,7 +406,7 @@ impl DiagonalGaussian {
     pub fn from_moments(moments: &Tensor) -> Result<Self> {
         let c = moments.dim(1)? / 2;
         let mean = moments.narrow(1, 0, c)?;
-        let logvar = moments.narrow(1, c, c)?.clamp(-30f32, 20f32)?;
+        let logvar = crate::transfer::clamp(&moments.narrow(1, c, c)?, -30.0, 20.0)?;
         let std = (&logvar * 0.5)?.exp()?;
         Ok(Self { mean, logvar, std })
     }

@@ -109,7 +109,8 @@ impl Solver for Ddim {
             }
         };
         let pred_x0 = match self.clip_sample {
-            Some(r) => pred_x0.clamp(-r, r)?,
+            // candle's `clamp` with scalars would upload them at every step.
+            Some(r) => crate::transfer::clamp(&pred_x0, -r as f64, r as f64)?,
             None => pred_x0,
         };
         // σ_t(η) of the DDIM paper's eq. 16.

@@ -11,8 +11,13 @@
 //! was written for, like diffusers' `Scheduler.from_config(pipe.scheduler.config)`: fields a
 //! scheduler knows override its defaults, the others are ignored (see [`SchedulerConfig`]).
 //!
-//! Arithmetic: tensors are computed in f32 whatever the sample's dtype (diffusers upcasts the
-//! same way) and returned in the sample's dtype, on the sample's device. The per-step scalar
+//! Arithmetic: tensors are computed in f32 whatever the sample's dtype and returned in the
+//! sample's dtype, on the sample's device. (diffusers upcasts to f32 in the Euler family only;
+//! its DDIM, DPM-Solver and UniPC steps compute in the sample's dtype. The pipeline keeps its
+//! latents in f32, so here every step is f32.) Coefficients are applied as scalars (`affine`),
+//! never uploaded: a step makes no host↔device copy ([`crate::transfer`]); the stochastic
+//! schedulers' noise comes from the caller's [`NoiseSource`], which the pipeline fills before
+//! the loop. The per-step scalar
 //! coefficients are computed on the host in f32, in diffusers' order of operations: diffusers
 //! computes them as float32 torch scalars, and some of them lose digits to cancellation (DPM's
 //! and UniPC's `h = λ_t − λ_s`); computing them in f64 would be more accurate but further from
@@ -123,6 +128,14 @@ impl Default for SchedulerOptions {
 /// Where the stochastic schedulers get their noise from: standard normal samples.
 pub trait NoiseSource {
     fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+
+    /// The samples `randn` would give, as f32 on the host (row-major), so that several draws
+    /// can be uploaded in one copy. The default reads `randn`'s back (a counted download);
+    /// sources that draw on the host override it.
+    fn randn_host(&mut self, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.randn(shape, DType::F32, &Device::Cpu)?;
+        Ok(crate::transfer::download(&t)?)
+    }
 }
 
 /// One job's scheduler. `step` indices are positions in [`Scheduler::timesteps`].

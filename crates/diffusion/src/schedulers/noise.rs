@@ -29,11 +29,15 @@ impl SeededNoise {
 }
 
 impl NoiseSource for SeededNoise {
+    /// One upload (of the f32 samples), then the cast on the device.
     fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let values = self.randn_host(shape)?;
+        Ok(crate::transfer::upload(values, shape, device)?.to_dtype(dtype)?)
+    }
+
+    fn randn_host(&mut self, shape: &[usize]) -> Result<Vec<f32>> {
         let n = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| self.rng.sample(StandardNormal)).collect();
-        let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?;
-        Ok(t.to_device(device)?)
+        Ok((0..n).map(|_| self.rng.sample(StandardNormal)).collect())
     }
 }
 
