@@ -17,7 +17,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
 use axum::routing::{get, post, put};
 use axum::Router;
-use candle_core::Device;
 use diffusion::pipeline::StableDiffusion;
 use engine::{
     AdapterRegistry, AdapterSettings, AnnotatorPool, AnnotatorSettings, Engine, EngineConfig,
@@ -72,20 +71,9 @@ impl api::Catalog for AppState {
     }
 }
 
-fn parse_device(s: &str) -> anyhow::Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        other => match other.strip_prefix("cuda:") {
-            Some(n) => Device::new_cuda(n.parse().context("cuda:N")?)?,
-            None => anyhow::bail!("device `{other}`: cpu, cuda or cuda:N"),
-        },
-    })
-}
-
 /// Loads the configured models (or the embedded one) and adapters, and starts the engine.
 pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
-    let device = parse_device(&config.engine.device)?;
+    let device = diffusion::runtime::open_device(&config.engine.device)?;
     let dtype = diffusion::weights::parse_dtype(&config.engine.dtype)?;
     let mut models = Vec::new();
     if config.models.is_empty() {
