@@ -47,10 +47,34 @@ pub struct Limits {
 pub struct EngineSection {
     pub device: String,
     pub dtype: String,
+    /// The VAE's dtype when the models are in f16/bf16 (diffusion::pipeline::VaeUpcast).
+    #[serde(default)]
+    pub vae_upcast: VaeUpcastSetting,
     pub max_queue: usize,
     pub max_batch: usize,
     pub max_queue_delay_ms: u64,
     pub prompt_cache: usize,
+}
+
+/// `never`: the models' dtype, as diffusers' SD 1.x/2.x ControlNet pipelines; `config`: f32 when
+/// the models are f16 and the VAE config says `force_upcast` (diffusers' SDXL rule); `always`: f32.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VaeUpcastSetting {
+    #[default]
+    Never,
+    Config,
+    Always,
+}
+
+impl From<VaeUpcastSetting> for diffusion::pipeline::VaeUpcast {
+    fn from(s: VaeUpcastSetting) -> Self {
+        match s {
+            VaeUpcastSetting::Never => Self::Never,
+            VaeUpcastSetting::Config => Self::ForceUpcastConfig,
+            VaeUpcastSetting::Always => Self::Always,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

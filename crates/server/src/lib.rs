@@ -85,7 +85,11 @@ pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
     }
     for m in &config.models {
         tracing::info!(name = %m.name, path = %m.path.display(), "loading base model");
-        let model = StableDiffusion::load(&m.path, dtype, &device)
+        let options = diffusion::pipeline::LoadOptions {
+            dtype,
+            vae_upcast: config.engine.vae_upcast.into(),
+        };
+        let model = StableDiffusion::load(&m.path, options, &device)
             .with_context(|| format!("model `{}` at {}", m.name, m.path.display()))?;
         models.push((m.name.clone(), model));
     }
