@@ -45,9 +45,18 @@ fn cuda_libraries_present() -> anyhow::Result<()> {
     // SAFETY: each call only tries to dlopen the library by its candidate names.
     let present = unsafe {
         [
-            ("the NVIDIA driver (libcuda.so.1)", cudarc::driver::sys::is_culib_present()),
-            ("cuBLAS (libcublas.so.13/.12/.11)", cudarc::cublas::sys::is_culib_present()),
-            ("cuRAND (libcurand.so.10)", cudarc::curand::sys::is_culib_present()),
+            (
+                "the NVIDIA driver (libcuda.so.1)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
+            (
+                "cuBLAS (libcublas.so.13/.12/.11)",
+                cudarc::cublas::sys::is_culib_present(),
+            ),
+            (
+                "cuRAND (libcurand.so.10)",
+                cudarc::curand::sys::is_culib_present(),
+            ),
         ]
     };
     let missing: Vec<&str> = present

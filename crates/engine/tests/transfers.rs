@@ -32,9 +32,13 @@ fn engine() -> Engine {
 async fn run_batch(engine: &Engine, steps: usize) -> transfer::Counts {
     let before = transfer::counts();
     let mut handles = Vec::new();
-    for (k, scheduler) in [SchedulerKind::UniPc, SchedulerKind::Ddim, SchedulerKind::UniPc]
-        .into_iter()
-        .enumerate()
+    for (k, scheduler) in [
+        SchedulerKind::UniPc,
+        SchedulerKind::Ddim,
+        SchedulerKind::UniPc,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut req = Request::txt2img(&format!("prompt {k}"), 64, 48);
         req.steps = steps;
@@ -64,5 +68,8 @@ async fn batched_jobs_copy_as_much_at_3_steps_as_at_6() {
     let short = run_batch(&engine, 3).await;
     let long = run_batch(&engine, 6).await;
     assert_eq!(short, long, "copies grow with the step count");
-    assert!(long.device_to_host >= 1, "the images are downloaded: {long:?}");
+    assert!(
+        long.device_to_host >= 1,
+        "the images are downloaded: {long:?}"
+    );
 }

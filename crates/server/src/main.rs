@@ -1,8 +1,10 @@
 //! `controlnet-serve`: the command line. `serve` (the default) runs the HTTP service;
 //! `generate` runs one request through the pipeline on this machine; `openapi` prints the API
-//! description.
+//! description; `device-check` proves the device path (parity and a benchmark) with this binary.
+mod device_check;
+
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use diffusion::control::ControlMode;
 use diffusion::images::ResizeMode;
@@ -33,6 +35,9 @@ enum Command {
     Openapi,
     /// Generate images from a prompt (and ControlNet hints), write them as PNG.
     Generate(Box<GenerateArgs>),
+    /// Check the device path with this binary alone: the end-to-end parity test against
+    /// diffusers' images in each dtype, and a benchmark with SD 1.5-size random weights.
+    DeviceCheck(Box<device_check::DeviceCheckArgs>),
 }
 
 #[derive(Args)]
@@ -112,17 +117,6 @@ struct GenerateArgs {
     out: PathBuf,
 }
 
-fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        other => match other.strip_prefix("cuda:") {
-            Some(n) => Ok(Device::new_cuda(n.parse().context("cuda device number")?)?),
-            None => bail!("unknown device {other:?} (expected cpu, cuda or cuda:N)"),
-        },
-    }
-}
-
 fn open_rgb(path: &Path) -> Result<image::RgbImage> {
     Ok(image::open(path)
         .with_context(|| format!("reading image {}", path.display()))?
@@ -135,7 +129,7 @@ fn nth<T: Clone>(values: &[T], k: usize, default: T) -> T {
 }
 
 fn generate(args: &GenerateArgs) -> Result<()> {
-    let device = device(&args.device)?;
+    let device = diffusion::runtime::open_device(&args.device)?;
     let dtype: DType = diffusion::weights::parse_dtype(&args.dtype)?;
     let sd = match &args.model {
         Some(path) => StableDiffusion::load(path, dtype, &device)
@@ -266,5 +260,6 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::Generate(args)) => generate(&args),
+        Some(Command::DeviceCheck(args)) => device_check::run(&args),
     }
 }
