@@ -519,6 +519,9 @@ async fn native_routes() {
     for name in [
         "engine_queue_depth",
         "engine_running_jobs",
+        "engine_oom_retries",
+        "engine_oom_failures",
+        "engine_batch_cap",
         "engine_step_seconds_bucket",
         "generation_requests_total{",
         "adapter_loads_total",

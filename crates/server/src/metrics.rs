@@ -62,4 +62,8 @@ pub fn record_engine(status: &engine::Status) {
         .set(status.annotators.resident_bytes as f64);
     metrics::gauge!("engine_annotations_queued").set(status.annotations_queued as f64);
     metrics::gauge!("engine_annotators_resident").set(status.annotators.resident as f64);
+    // Out-of-memory handling (docker/README.md, "What to alert on").
+    metrics::gauge!("engine_oom_retries").set(status.oom_retries as f64);
+    metrics::gauge!("engine_oom_failures").set(status.oom_failures as f64);
+    metrics::gauge!("engine_batch_cap").set(status.batch_cap as f64);
 }
