@@ -19,11 +19,17 @@ use std::sync::Arc;
 #[command(
     name = "controlnet-serve",
     version,
-    about = "Stable Diffusion with ControlNet"
+    about = "Stable Diffusion with ControlNet",
+    // `controlnet-serve --bind …` is `controlnet-serve serve --bind …`: serve's flags work
+    // without the subcommand name (and then no subcommand may follow).
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// `serve`'s flags, for when no subcommand is named.
+    #[command(flatten)]
+    serve: server::config::Overrides,
 }
 
 #[derive(Subcommand)]
@@ -252,8 +258,9 @@ fn serve(overrides: &server::config::Overrides) -> Result<()> {
 
 fn main() -> Result<()> {
     diffusion::runtime::keep_freed_memory();
-    match Cli::parse().command {
-        None => serve(&server::config::Overrides::default()),
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(&cli.serve),
         Some(Command::Serve(overrides)) => serve(&overrides),
         Some(Command::Openapi) => {
             print!("{}", server::openapi::yaml());
