@@ -12,7 +12,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 use crate::blocks::LayerNorm;
-use crate::tokenizer::TokenChunk;
+use crate::tokenizer::{TokenChunk, WeightedChunk};
 use crate::weights::WeightFile;
 use crate::Error;
 
@@ -369,6 +369,72 @@ impl ClipTextModel {
         let (n, t, d) = out.dims3()?;
         out.reshape((1, n * t, d))
     }
+
+    /// The conditioning of a prompt in A1111's syntax (see
+    /// [`crate::tokenizer::ClipTokenizer::encode_weighted_chunks`]): [`Self::encode_chunks`],
+    /// then each chunk's emphasis applied ([`apply_emphasis`]). Chunks whose weights are all 1
+    /// are left as encoded, so a prompt without emphasis gives exactly what
+    /// [`Self::encode_chunks`] gives for the same tokens.
+    pub fn encode_weighted_chunks(
+        &self,
+        chunks: &[WeightedChunk],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
+        let tokens: Vec<TokenChunk> = chunks.iter().map(|c| c.tokens).collect();
+        let z = self.encode_chunks(&tokens, clip_skip)?;
+        let plain = |c: &WeightedChunk| c.weights.iter().all(|&w| w == 1.0);
+        if chunks.iter().all(plain) {
+            return Ok(z);
+        }
+        let t = chunks[0].tokens.len();
+        let parts = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let zi = z.narrow(1, i * t, t)?;
+                if plain(c) {
+                    Ok(zi)
+                } else {
+                    apply_emphasis(&zi, &c.weights)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)
+    }
+}
+
+/// Below this fraction of the chunk's mean absolute value, a mean is too close to zero for
+/// [`apply_emphasis`] to divide by.
+pub const EMPHASIS_MEAN_FLOOR: f64 = 1e-4;
+
+/// A1111's emphasis ("Original") on one encoded chunk `z` `[1, T, D]` with a weight per
+/// position: z · weight (per token), then scaled by mean(z) / mean(z · weight) so that the mean
+/// over the whole chunk is what it was. Computed in f32, returned in `z`'s dtype, on the device
+/// (nothing is read back). Differences from A1111: it rounds the original mean to the model's
+/// dtype first (a relative scale error of up to 2⁻¹¹ in f16), this does not; and when either
+/// mean is within [`EMPHASIS_MEAN_FLOOR`] × mean |z · weight| of zero (a text encoder whose
+/// final layer norm has no bias, like the built-in random model's: A1111's ratio is then noise
+/// and can overflow), the mean is not restored.
+pub fn apply_emphasis(z: &Tensor, weights: &[f32]) -> Result<Tensor> {
+    let (_, t, _) = z.dims3()?;
+    if weights.len() != t {
+        candle_core::bail!("{} weights for {t} positions", weights.len())
+    }
+    let z32 = z.to_dtype(DType::F32)?;
+    let original = z32.mean_all()?;
+    let w = crate::transfer::upload(weights.to_vec(), (1, t, 1), z.device())?;
+    let weighted = z32.broadcast_mul(&w)?;
+    let new = weighted.mean_all()?;
+    let floor = weighted
+        .abs()?
+        .mean_all()?
+        .affine(EMPHASIS_MEAN_FLOOR, 0.0)?;
+    let usable = original.abs()?.minimum(&new.abs()?)?.gt(&floor)?;
+    let ratio = usable.where_cond(
+        &(original / new)?,
+        &Tensor::ones((), DType::F32, z.device())?,
+    )?;
+    weighted.broadcast_mul(&ratio)?.to_dtype(z.dtype())
 }
 
 /// 0 on and below the diagonal, -inf above: token i sees tokens 0..=i.

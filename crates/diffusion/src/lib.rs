@@ -12,6 +12,7 @@ pub mod embedded;
 pub mod images;
 pub mod ldm;
 pub mod pipeline;
+pub mod prompt_syntax;
 pub mod runtime;
 pub mod schedulers;
 pub mod tokenizer;

@@ -21,6 +21,7 @@ use crate::control::ControlMode;
 use crate::controlnet::ControlNetModel;
 use crate::denoise::{self, DenoiseJob, InpaintBlend, JobControl, PerImageNoise, PrefetchedNoise};
 use crate::images::{self, ResizeMode};
+use crate::prompt_syntax::{self, PromptSyntax};
 use crate::schedulers::{self, NoiseSource, SchedulerConfig, SchedulerKind, SchedulerOptions};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
@@ -137,6 +138,9 @@ pub struct Request {
     pub num_images: usize,
     /// diffusers' `clip_skip` (A1111's "clip skip" minus one).
     pub clip_skip: usize,
+    /// How the prompt and negative prompt are read: as written (default) or in A1111's syntax
+    /// (emphasis, `BREAK`, extra-network tags removed), see [`crate::prompt_syntax`].
+    pub prompt_syntax: PromptSyntax,
     pub controls: Vec<ControlSpec>,
     pub init: Option<InitImage>,
     /// Caller-supplied initial noise `[n, 4, h/f, w/f]` (for comparison with other
@@ -158,6 +162,7 @@ impl Request {
             seed: 0,
             num_images: 1,
             clip_skip: 0,
+            prompt_syntax: PromptSyntax::Plain,
             controls: Vec::new(),
             init: None,
             latents: None,
@@ -260,8 +265,13 @@ impl StableDiffusion {
     /// `[2n, T, D]` (negative rows first) with guidance, else `[n, T, D]`. Long prompts are
     /// encoded in 75-token chunks and concatenated (A1111), the negative padded to match.
     pub fn encode_prompt(&self, req: &Request, guided: bool) -> Result<Tensor> {
-        let one =
-            self.prompt_embeddings(&req.prompt, &req.negative_prompt, req.clip_skip, guided)?;
+        let one = self.prompt_embeddings_in(
+            req.prompt_syntax,
+            &req.prompt,
+            &req.negative_prompt,
+            req.clip_skip,
+            guided,
+        )?;
         per_image_embeddings(&one, req.num_images, guided)
     }
 
@@ -280,6 +290,37 @@ impl StableDiffusion {
             return Ok(cond);
         }
         let uncond = self.text_encoder.encode_chunks(&negative, clip_skip)?;
+        Ok(Tensor::cat(&[uncond, cond], 0)?)
+    }
+
+    /// [`Self::prompt_embeddings`] with the texts read in `syntax`. In A1111's syntax the
+    /// prompt loses its extra-network tags ([`prompt_syntax::parse`]; the negative prompt keeps
+    /// them as text, as in A1111), both are cut into A1111's chunks and their emphasis applied
+    /// ([`ClipTextModel::encode_weighted_chunks`]). Plain is [`Self::prompt_embeddings`].
+    pub fn prompt_embeddings_in(
+        &self,
+        syntax: PromptSyntax,
+        prompt: &str,
+        negative_prompt: &str,
+        clip_skip: usize,
+        guided: bool,
+    ) -> Result<Tensor> {
+        if syntax == PromptSyntax::Plain {
+            return self.prompt_embeddings(prompt, negative_prompt, clip_skip, guided);
+        }
+        let (positive, negative) = self.tokenizer.encode_pair_weighted(
+            &prompt_syntax::parse(prompt).segments,
+            &prompt_syntax::parse_attention(negative_prompt),
+        )?;
+        let cond = self
+            .text_encoder
+            .encode_weighted_chunks(&positive, clip_skip)?;
+        if !guided {
+            return Ok(cond);
+        }
+        let uncond = self
+            .text_encoder
+            .encode_weighted_chunks(&negative, clip_skip)?;
         Ok(Tensor::cat(&[uncond, cond], 0)?)
     }
 
@@ -306,8 +347,13 @@ impl StableDiffusion {
     pub fn new_job(&self, req: &Request) -> Result<DenoiseJob> {
         self.check(req)?;
         let guided = req.guidance_scale > 1.0;
-        let one =
-            self.prompt_embeddings(&req.prompt, &req.negative_prompt, req.clip_skip, guided)?;
+        let one = self.prompt_embeddings_in(
+            req.prompt_syntax,
+            &req.prompt,
+            &req.negative_prompt,
+            req.clip_skip,
+            guided,
+        )?;
         self.new_job_with_embeddings(req, &one)
     }
 

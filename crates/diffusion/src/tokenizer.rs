@@ -25,6 +25,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use crate::prompt_syntax::Segment;
 use crate::{Error, Result};
 
 /// The text encoder's sequence length: bos, 75 tokens, eos.
@@ -34,6 +35,18 @@ pub const CHUNK_TOKENS: usize = CONTEXT_LENGTH - 2;
 
 /// One text-encoder input: bos, up to 75 prompt tokens, eos, padding.
 pub type TokenChunk = [u32; CONTEXT_LENGTH];
+
+/// A text-encoder input with A1111's emphasis multiplier for each position (1.0 for bos, eos
+/// and padding), see [`ClipTokenizer::encode_weighted_chunks`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedChunk {
+    pub tokens: TokenChunk,
+    pub weights: [f32; CONTEXT_LENGTH],
+}
+
+/// A1111's `comma_padding_backtrack` default: a chunk that fills up moves the tokens after its
+/// last comma to the next chunk when that comma is at most this many tokens from the end.
+pub const COMMA_BACKTRACK: usize = 20;
 
 /// transformers' `CLIPTokenizer` split pattern (the one of OpenAI's CLIP, with its two special
 /// tokens spelled the Hugging Face way).
@@ -516,7 +529,8 @@ impl ClipTokenizer {
     }
 
     /// The prompt as text-encoder inputs, A1111-style: its tokens cut into runs of 75 (A1111
-    /// moves a cut back to a comma up to 20 tokens earlier; this does not), each wrapped in
+    /// moves a cut back to a comma up to 20 tokens earlier; this does not,
+    /// [`Self::encode_weighted_chunks`] does), each wrapped in
     /// bos … eos and padded to 77. The embeddings of the chunks, concatenated along
     /// the sequence axis, condition the UNet; nothing is dropped. A prompt of at most 75 tokens
     /// is one chunk, identical to what diffusers feeds the text encoder (whose truncation to 77
@@ -535,6 +549,96 @@ impl ClipTokenizer {
         while chunks.len() < n {
             chunks.push(self.empty_chunk());
         }
+    }
+
+    /// The id of `,` as a word of its own (`,</w>`), where A1111's chunks may be cut.
+    pub fn comma_id(&self) -> Option<u32> {
+        self.tokenizer.token_to_id(",</w>")
+    }
+
+    /// bos, `tokens` with their weights, eos, padding; weight 1 outside the tokens.
+    fn wrap_weighted(&self, tokens: &[(u32, f32)]) -> WeightedChunk {
+        let ids: Vec<u32> = tokens.iter().map(|&(t, _)| t).collect();
+        let mut weights = [1.0f32; CONTEXT_LENGTH];
+        for (w, &(_, weight)) in weights[1..].iter_mut().zip(tokens) {
+            *w = weight;
+        }
+        WeightedChunk {
+            tokens: self.wrap(&ids),
+            weights,
+        }
+    }
+
+    /// A prompt parsed in A1111's syntax ([`crate::prompt_syntax`]) as text-encoder inputs, as
+    /// A1111's `tokenize_line`: every text segment tokenized on its own, each token with its
+    /// segment's weight; chunks of 75 tokens wrapped in bos … eos and padded; `BREAK` closes
+    /// the current chunk (padded, even if empty); a chunk that fills up while its last comma is
+    /// at most [`COMMA_BACKTRACK`] tokens from its end is closed after that comma, the tokens
+    /// after it starting the next chunk (a comma that itself opens a chunk is not remembered).
+    /// Always at least one chunk; no chunk is added for an empty tail after the last `BREAK`.
+    pub fn encode_weighted_chunks(&self, segments: &[Segment]) -> Result<Vec<WeightedChunk>> {
+        let comma = self.comma_id();
+        let mut chunks = Vec::new();
+        let mut current: Vec<(u32, f32)> = Vec::with_capacity(CHUNK_TOKENS);
+        let mut last_comma: Option<usize> = None;
+        let close = |chunks: &mut Vec<WeightedChunk>,
+                     current: &mut Vec<(u32, f32)>,
+                     last_comma: &mut Option<usize>| {
+            chunks.push(self.wrap_weighted(current));
+            current.clear();
+            *last_comma = None;
+        };
+        for segment in segments {
+            let (text, weight) = match segment {
+                Segment::Break => {
+                    close(&mut chunks, &mut current, &mut last_comma);
+                    continue;
+                }
+                Segment::Text { text, weight } => (text, *weight as f32),
+            };
+            for token in self.encode(text)? {
+                if Some(token) == comma {
+                    last_comma = Some(current.len());
+                } else if let Some(c) = last_comma.filter(|&c| {
+                    current.len() == CHUNK_TOKENS && CHUNK_TOKENS - c <= COMMA_BACKTRACK
+                }) {
+                    let moved = current.split_off(c + 1);
+                    close(&mut chunks, &mut current, &mut last_comma);
+                    current = moved;
+                }
+                if current.len() == CHUNK_TOKENS {
+                    close(&mut chunks, &mut current, &mut last_comma);
+                }
+                current.push((token, weight));
+            }
+        }
+        if !current.is_empty() || chunks.is_empty() {
+            close(&mut chunks, &mut current, &mut last_comma);
+        }
+        Ok(chunks)
+    }
+
+    /// [`Self::empty_chunk`] with weights 1.
+    pub fn empty_weighted_chunk(&self) -> WeightedChunk {
+        self.wrap_weighted(&[])
+    }
+
+    /// [`Self::encode_weighted_chunks`] of the prompt and the negative prompt, the shorter
+    /// padded with empty chunks to the same number.
+    pub fn encode_pair_weighted(
+        &self,
+        prompt: &[Segment],
+        negative: &[Segment],
+    ) -> Result<(Vec<WeightedChunk>, Vec<WeightedChunk>)> {
+        let mut positive = self.encode_weighted_chunks(prompt)?;
+        let mut negative = self.encode_weighted_chunks(negative)?;
+        let n = positive.len().max(negative.len());
+        for chunks in [&mut positive, &mut negative] {
+            while chunks.len() < n {
+                chunks.push(self.empty_weighted_chunk());
+            }
+        }
+        Ok((positive, negative))
     }
 
     /// The prompt and the negative prompt, with the same number of chunks.

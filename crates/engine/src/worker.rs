@@ -22,6 +22,7 @@
 use candle_core::Tensor;
 use diffusion::denoise::{self, DenoiseJob};
 use diffusion::pipeline::StableDiffusion;
+use diffusion::prompt_syntax::PromptSyntax;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -61,18 +62,20 @@ impl Running {
     }
 }
 
-/// Prompt embeddings by (model, prompt, negative prompt, clip skip, guided), least recently
-/// used out first.
+/// Prompt embeddings by (model, prompt, negative prompt, clip skip, guided, prompt syntax),
+/// least recently used out first.
 struct PromptCache {
     capacity: usize,
     tick: u64,
-    entries: HashMap<(usize, String, String, usize, bool), (Tensor, u64)>,
+    entries: HashMap<PromptKey, (Tensor, u64)>,
 }
+
+type PromptKey = (usize, String, String, usize, bool, PromptSyntax);
 
 impl PromptCache {
     fn get_or_insert(
         &mut self,
-        key: (usize, String, String, usize, bool),
+        key: PromptKey,
         stats: &Stats,
         make: impl FnOnce() -> diffusion::Result<Tensor>,
     ) -> diffusion::Result<Tensor> {
@@ -214,6 +217,7 @@ impl Worker {
             req.negative_prompt.clone(),
             req.clip_skip,
             guided,
+            req.prompt_syntax,
         );
         let prompts = &mut self.prompts;
         let stats = &self.stats;
@@ -228,7 +232,13 @@ impl Worker {
                 return Err(simulated_out_of_memory().into());
             }
             let embeddings = prompts.get_or_insert(key, stats, || {
-                model.prompt_embeddings(&req.prompt, &req.negative_prompt, req.clip_skip, guided)
+                model.prompt_embeddings_in(
+                    req.prompt_syntax,
+                    &req.prompt,
+                    &req.negative_prompt,
+                    req.clip_skip,
+                    guided,
+                )
             })?;
             model.new_job_with_embeddings(req, &embeddings)
         }));

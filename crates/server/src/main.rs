@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use diffusion::control::ControlMode;
 use diffusion::images::ResizeMode;
 use diffusion::pipeline::{ControlSpec, InitImage, Request, StableDiffusion};
+use diffusion::prompt_syntax::PromptSyntax;
 use diffusion::schedulers::SchedulerKind;
 use diffusion::ControlNetModel;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -78,6 +79,10 @@ struct GenerateArgs {
     prompt: String,
     #[arg(long, default_value = "")]
     negative_prompt: String,
+    /// How the prompts are read: `plain` (as written) or `a1111` (AUTOMATIC1111's emphasis
+    /// `(word:1.2)`, `[word]`, `BREAK`; `<lora:…>` tags dropped).
+    #[arg(long, default_value = "plain")]
+    prompt_syntax: String,
     #[arg(long, default_value_t = 512)]
     width: usize,
     #[arg(long, default_value_t = 512)]
@@ -216,6 +221,11 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         seed: args.seed,
         num_images: args.num_images,
         clip_skip: args.clip_skip,
+        prompt_syntax: match args.prompt_syntax.as_str() {
+            "plain" => PromptSyntax::Plain,
+            "a1111" => PromptSyntax::A1111,
+            other => bail!("unknown prompt syntax `{other}` (plain or a1111)"),
+        },
         controls,
         init,
         latents,
