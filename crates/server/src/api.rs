@@ -12,15 +12,18 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use utoipa::ToSchema;
 
-use crate::config::Limits;
+use crate::config::{Limits, MIN_SIDE};
 use crate::error::ApiError;
 use crate::images::{self, OutputFormat};
 
-fn d512() -> usize {
-    512
-}
-fn d20() -> usize {
-    20
+/// For fields whose default depends on the limits: absent is `None`, `null` stays an error
+/// (as for a plain number).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 fn d_guidance() -> f64 {
     7.5
@@ -32,7 +35,11 @@ fn d1f() -> f64 {
     1.0
 }
 fn d_strength() -> f64 {
-    0.75
+    GenerateRequest::DEFAULT_STRENGTH
+}
+
+impl GenerateRequest {
+    pub const DEFAULT_STRENGTH: f64 = 0.75;
 }
 fn d_scheduler() -> String {
     "unipc".into()
@@ -91,9 +98,11 @@ pub enum PriorityApi {
 #[serde(deny_unknown_fields)]
 pub struct ControlRequest {
     /// Adapter name (see `GET /v1/adapters`).
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,128}$")]
     pub adapter: String,
     /// The control image, base64 (PNG/JPEG/WebP, or a `data:` URL). Used as the hint as is,
     /// unless `preprocessor` is given.
+    #[schema(min_length = 1)]
     pub image: String,
     /// A preprocessor to turn `image` into the hint first (see `GET /v1/preprocessors`).
     #[serde(default)]
@@ -106,12 +115,15 @@ pub struct ControlRequest {
     pub processor_res: Option<u32>,
     /// Conditioning scale, 0 to 2.
     #[serde(default = "d1f")]
+    #[schema(minimum = 0, maximum = 2)]
     pub scale: f64,
     /// Fraction of the steps where this control starts, 0 to 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub start: f64,
     /// Fraction of the steps where it ends, `start` to 1.
     #[serde(default = "d1f")]
+    #[schema(minimum = 0, maximum = 1)]
     pub end: f64,
     /// How the hint is fitted (default: the request's `resize_mode`).
     #[serde(default)]
@@ -124,45 +136,72 @@ pub struct ControlRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
+    /// At most `limits.max_prompt_chars` characters.
     pub prompt: String,
     #[serde(default)]
     pub negative_prompt: String,
-    /// A multiple of 8.
-    #[serde(default = "d512")]
-    pub width: usize,
-    /// A multiple of 8.
-    #[serde(default = "d512")]
-    pub height: usize,
-    #[serde(default = "d20")]
-    pub steps: usize,
+    /// A multiple of 8; width × height at most `limits.max_pixels`. Default 512, or the
+    /// largest square the limits allow.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = usize, minimum = 64, multiple_of = 8)]
+    pub width: Option<usize>,
+    /// A multiple of 8 (see `width`).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = usize, minimum = 64, multiple_of = 8)]
+    pub height: Option<usize>,
+    /// Default 20, or `limits.max_steps` if lower.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = usize, minimum = 1)]
+    pub steps: Option<usize>,
     /// Classifier-free guidance; 1 or less turns it off.
     #[serde(default = "d_guidance")]
+    #[schema(minimum = 0, maximum = 50)]
     pub guidance_scale: f64,
     /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras or unipc.
     #[serde(default = "d_scheduler")]
     pub scheduler: String,
     /// Image k uses seed + k. Absent or -1: random.
     #[serde(default)]
+    #[schema(minimum = -1)]
     pub seed: Option<i64>,
     #[serde(default = "d1")]
+    #[schema(minimum = 1)]
     pub num_images: usize,
     /// Base model name (default: the first; see `GET /v1/models`).
     #[serde(default)]
     pub model: Option<String>,
     /// CLIP layers to skip from the end (diffusers' clip_skip).
     #[serde(default)]
+    #[schema(maximum = 10)]
     pub clip_skip: usize,
     /// DDIM's eta (0 to 1).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub eta: f64,
-    /// img2img: the starting image, base64.
+    /// img2img: the starting image, base64 (PNG, JPEG or WebP, or a `data:` URL).
     #[serde(default)]
+    #[schema(min_length = 1)]
     pub init_image: Option<String>,
     /// Inpainting: white = repaint, base64; needs `init_image`.
     #[serde(default)]
+    #[schema(min_length = 1)]
     pub mask: Option<String>,
-    /// img2img: how much of the image to repaint, (0, 1].
+    /// img2img: how much of the image to repaint, (0, 1] (checked with or without
+    /// `init_image`).
     #[serde(default = "d_strength")]
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub strength: f64,
     #[serde(default)]
     pub resize_mode: ResizeModeApi,
@@ -214,6 +253,8 @@ pub struct Prepared {
 pub trait Catalog {
     fn has_model(&self, name: &str) -> bool;
     fn has_adapter(&self, name: &str) -> bool;
+    /// The text-encoder layers of `model` (`None`: the default model), if known.
+    fn clip_layers(&self, model: Option<&str>) -> Option<usize>;
     /// Runs a preprocessor (blocks: call from a blocking thread).
     fn annotate(
         &self,
@@ -225,6 +266,9 @@ pub trait Catalog {
     ) -> Result<RgbImage, EngineError>;
 }
 
+/// The most text-encoder layers `clip_skip` may skip, whatever the model.
+pub const MAX_CLIP_SKIP: usize = 10;
+
 fn check_range(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), ApiError> {
     if !v.is_finite() || v < lo || v > hi {
         return Err(ApiError::invalid(
@@ -235,13 +279,15 @@ fn check_range(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Checks the size fields: positive multiples of 8, at least 64, within `limits.max_pixels`.
+/// Checks the size fields: multiples of 8 from 64 to `limits.max_side()`, within
+/// `limits.max_pixels`.
 pub fn check_size(width: usize, height: usize, limits: &Limits) -> Result<(), ApiError> {
+    let max = limits.max_side();
     for (field, v) in [("width", width), ("height", height)] {
-        if v < 64 || v % 8 != 0 || v > 8192 {
+        if v < MIN_SIDE || v % 8 != 0 || v > max {
             return Err(ApiError::invalid(
                 field,
-                format!("{field} must be a multiple of 8 from 64 to 8192, got {v}"),
+                format!("{field} must be a multiple of 8 from {MIN_SIDE} to {max}, got {v}"),
             ));
         }
     }
@@ -329,14 +375,14 @@ pub fn prepare(
             ));
         }
     }
-    check_size(req.width, req.height, limits)?;
-    if req.steps == 0 || req.steps > limits.max_steps {
+    let width = req.width.unwrap_or_else(|| limits.default_side());
+    let height = req.height.unwrap_or_else(|| limits.default_side());
+    let steps = req.steps.unwrap_or_else(|| limits.default_steps());
+    check_size(width, height, limits)?;
+    if steps == 0 || steps > limits.max_steps {
         return Err(ApiError::invalid(
             "steps",
-            format!(
-                "steps must be from 1 to {}, got {}",
-                limits.max_steps, req.steps
-            ),
+            format!("steps must be from 1 to {}, got {steps}", limits.max_steps),
         ));
     }
     check_range("guidance_scale", req.guidance_scale, 0.0, 50.0)?;
@@ -359,10 +405,13 @@ pub fn prepare(
             ),
         )
     })?;
-    if req.clip_skip > 10 {
+    let max_clip_skip = catalog
+        .clip_layers(req.model.as_deref())
+        .map_or(MAX_CLIP_SKIP, |n| n.min(MAX_CLIP_SKIP));
+    if req.clip_skip > max_clip_skip {
         return Err(ApiError::invalid(
             "clip_skip",
-            "clip_skip must be from 0 to 10",
+            format!("clip_skip must be from 0 to {max_clip_skip} for this model"),
         ));
     }
     check_range("eta", req.eta, 0.0, 1.0)?;
@@ -395,6 +444,10 @@ pub fn prepare(
         }
     };
 
+    check_range("strength", req.strength, 0.0, 1.0)?;
+    if req.strength == 0.0 {
+        return Err(ApiError::invalid("strength", "strength must be above 0"));
+    }
     let init = match &req.init_image {
         None => {
             if req.mask.is_some() {
@@ -403,10 +456,6 @@ pub fn prepare(
             None
         }
         Some(data) => {
-            check_range("strength", req.strength, 0.0, 1.0)?;
-            if req.strength == 0.0 {
-                return Err(ApiError::invalid("strength", "strength must be above 0"));
-            }
             let image = images::decode_base64("init_image", data, limits.max_input_pixels)?;
             let mask = match &req.mask {
                 None => None,
@@ -419,6 +468,16 @@ pub fn prepare(
                     .to_luma8(),
                 ),
             };
+            let start = diffusion::schedulers::img2img_start_step(steps, req.strength);
+            if start >= steps {
+                return Err(ApiError::invalid(
+                    "strength",
+                    format!(
+                        "strength {} leaves no step to run out of {steps}: at least 1/{steps}",
+                        req.strength
+                    ),
+                ));
+            }
             Some(InitImage {
                 image,
                 strength: req.strength,
@@ -478,9 +537,9 @@ pub fn prepare(
         hints.push(hint);
     }
 
-    let mut request = Request::txt2img(&req.prompt, req.width, req.height);
+    let mut request = Request::txt2img(&req.prompt, width, height);
     request.negative_prompt = req.negative_prompt;
-    request.steps = req.steps;
+    request.steps = steps;
     request.guidance_scale = req.guidance_scale;
     request.scheduler = scheduler;
     request.eta = req.eta;
@@ -506,8 +565,10 @@ pub fn prepare(
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DetectRequest {
+    /// See `GET /v1/preprocessors`.
     pub preprocessor: String,
     /// Base64 image.
+    #[schema(min_length = 1)]
     pub image: String,
     #[serde(default)]
     pub params: BTreeMap<String, f64>,
@@ -618,5 +679,6 @@ impl From<engine::AdapterInfo> for AdapterInfoApi {
 pub struct PutAdapterRequest {
     /// A ControlNet file or diffusers folder, relative to an adapter root (or absolute inside
     /// one), or `embedded:N`.
+    #[schema(min_length = 1)]
     pub path: String,
 }

@@ -6,7 +6,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::AppState;
 
 fn bearer(req: &Request) -> Option<&str> {
@@ -27,11 +27,11 @@ pub fn matches(given: &str, keys: &[String]) -> bool {
 
 fn refuse(status: StatusCode, message: &str) -> Response {
     let kind = if status == StatusCode::UNAUTHORIZED {
-        "unauthorized"
+        ErrorKind::Unauthorized
     } else {
-        "forbidden"
+        ErrorKind::Forbidden
     };
-    let mut r = ApiError::new(status, kind, message).into_response();
+    let mut r = ApiError::new(kind, message).into_response();
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,

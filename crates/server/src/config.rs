@@ -42,6 +42,39 @@ pub struct Limits {
     pub max_prompt_chars: usize,
 }
 
+/// Smallest width or height of a generated image.
+pub const MIN_SIDE: usize = 64;
+/// Largest width or height of a generated image, whatever `max_pixels` allows.
+pub const MAX_SIDE: usize = 8192;
+/// Default width and height when the limits allow them.
+pub const DEFAULT_SIDE: usize = 512;
+/// Default step count when the limits allow it.
+pub const DEFAULT_STEPS: usize = 20;
+
+impl Limits {
+    /// The largest width (or height) a request may give: [`MAX_SIDE`], or less where
+    /// `max_pixels` cannot hold it with the other side at [`MIN_SIDE`] (a multiple of 8).
+    pub fn max_side(&self) -> usize {
+        (self.max_pixels / MIN_SIDE).min(MAX_SIDE) / 8 * 8
+    }
+
+    /// The width and height used when a request gives none: [`DEFAULT_SIDE`], or the
+    /// largest square the limits allow below it.
+    pub fn default_side(&self) -> usize {
+        let mut side = DEFAULT_SIDE;
+        while side > MIN_SIDE && side * side > self.max_pixels {
+            side -= 8;
+        }
+        side
+    }
+
+    /// The step count used when a request gives none: [`DEFAULT_STEPS`], or `max_steps`
+    /// below it.
+    pub fn default_steps(&self) -> usize {
+        DEFAULT_STEPS.min(self.max_steps)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSection {
@@ -161,6 +194,14 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// `config/default.toml` alone (no file, environment or flags): what `openapi.yaml`
+    /// describes.
+    pub fn defaults() -> Self {
+        Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("config/default.toml parses")
+    }
+
     /// The defaults, then `overrides.config`, then the environment, then the flags.
     pub fn load(overrides: &Overrides) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));

@@ -103,6 +103,35 @@ pub fn encode_base64(image: &RgbImage, format: OutputFormat) -> Result<String, A
     Ok(base64::engine::general_purpose::STANDARD.encode(encode(image, format)?))
 }
 
+/// Runs `f` (image work: encoding, decoding) on a blocking thread, off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("{what}: {e}")))?
+}
+
+/// Encodes every image as base64 `format`, on a blocking thread.
+pub async fn encode_base64_all(
+    images: Vec<RgbImage>,
+    format: OutputFormat,
+) -> Result<Vec<String>, ApiError> {
+    if images.is_empty() {
+        return Ok(Vec::new());
+    }
+    blocking("encoding the images", move || {
+        images.iter().map(|i| encode_base64(i, format)).collect()
+    })
+    .await
+}
+
+/// Encodes one image as `format` bytes, on a blocking thread.
+pub async fn encode_blocking(image: RgbImage, format: OutputFormat) -> Result<Vec<u8>, ApiError> {
+    blocking("encoding the image", move || encode(&image, format)).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

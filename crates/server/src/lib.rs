@@ -22,6 +22,7 @@ use engine::{
     AdapterRegistry, AdapterSettings, AnnotatorPool, AnnotatorSettings, Engine, EngineConfig,
     Event, Job,
 };
+use std::collections::BTreeMap;
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,12 +32,14 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub config: Arc<Config>,
+    /// Each base model's text-encoder layers (the most `clip_skip` can skip).
+    pub clip_layers: Arc<BTreeMap<String, usize>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -53,6 +56,14 @@ impl AppState {
 impl api::Catalog for AppState {
     fn has_model(&self, name: &str) -> bool {
         self.engine.models().iter().any(|m| m.name == name)
+    }
+
+    fn clip_layers(&self, model: Option<&str>) -> Option<usize> {
+        let name = match model {
+            Some(m) => m.to_string(),
+            None => self.engine.models().first()?.name.clone(),
+        };
+        self.clip_layers.get(&name).copied()
     }
 
     fn has_adapter(&self, name: &str) -> bool {
@@ -72,7 +83,8 @@ impl api::Catalog for AppState {
 }
 
 /// Loads the configured models (or the embedded one) and adapters, and starts the engine.
-pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
+/// Also says how many text-encoder layers each model has.
+pub fn start_engine(config: &Config) -> anyhow::Result<(Engine, BTreeMap<String, usize>)> {
     let device = diffusion::runtime::open_device(&config.engine.device)?;
     let dtype = diffusion::weights::parse_dtype(&config.engine.dtype)?;
     let mut models = Vec::new();
@@ -93,6 +105,10 @@ pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
             .with_context(|| format!("model `{}` at {}", m.name, m.path.display()))?;
         models.push((m.name.clone(), model));
     }
+    let clip_layers = models
+        .iter()
+        .map(|(name, m)| (name.clone(), m.text_encoder.config.num_hidden_layers))
+        .collect();
     let root = &config.annotators.root;
     let annotators = AnnotatorPool::new(AnnotatorSettings {
         root: (!root.as_os_str().is_empty()).then(|| root.clone()),
@@ -122,7 +138,7 @@ pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
             .with_context(|| format!("preloading adapter `{name}`"))?;
         tracing::info!(%name, source = %info.source, bytes = ?info.bytes, "adapter loaded");
     }
-    Ok(Engine::start_with(
+    let engine = Engine::start_with(
         models,
         Arc::new(registry),
         Arc::new(annotators),
@@ -132,7 +148,8 @@ pub fn start_engine(config: &Config) -> anyhow::Result<Engine> {
             max_queue_delay: Duration::from_millis(config.engine.max_queue_delay_ms),
             prompt_cache: config.engine.prompt_cache,
         },
-    ))
+    );
+    Ok((engine, clip_layers))
 }
 
 /// One small generation on every model, so the first request does not pay for first-use
@@ -189,8 +206,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorKind::MethodNotAllowed,
                 "this route does not take that method",
             )
         })
@@ -200,6 +216,7 @@ pub fn router(state: AppState) -> Router {
             use axum::response::IntoResponse;
             ApiError::internal("the request panicked").into_response()
         }))
+        .layer(axum::middleware::from_fn(log_failures))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let id = req
@@ -213,6 +230,29 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// The request id (set by the outermost layer), for log lines.
+pub fn request_id(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// Logs why each failed request failed, with its request id (the answer carries an
+/// [`error::Failure`]). Failures inside an SSE stream are logged where they happen.
+async fn log_failures(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let id = request_id(req.headers());
+    let response = next.run(req).await;
+    if let Some(f) = response.extensions().get::<error::Failure>() {
+        error::log_failure(&id, f);
+    }
+    response
 }
 
 pub fn init_logging(json: bool) {
@@ -238,14 +278,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     println!("listening on http://{addr}");
     tracing::info!(%addr, "listening");
     let cfg = config.clone();
-    let engine = Arc::new(
-        tokio::task::spawn_blocking(move || start_engine(&cfg))
-            .await
-            .context("starting the engine")??,
-    );
+    let (engine, clip_layers) = tokio::task::spawn_blocking(move || start_engine(&cfg))
+        .await
+        .context("starting the engine")??;
+    let engine = Arc::new(engine);
     let state = AppState {
         engine: engine.clone(),
         config: Arc::new(config.clone()),
+        clip_layers: Arc::new(clip_layers),
         ready: Arc::new(AtomicBool::new(false)),
     };
     let ready = state.ready.clone();

@@ -13,7 +13,7 @@ use crate::api::{
     self, AdapterInfoApi, DetectRequest, DetectResponse, GenerateRequest, GenerateResponse,
     ModelInfoApi, PreprocessorInfo, PutAdapterRequest,
 };
-use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::error::{ApiError, ApiJson, ErrorBody, ErrorKind};
 use crate::images;
 use crate::run::{run_job, Finished, Progress};
 use crate::AppState;
@@ -49,6 +49,7 @@ fn wants_raw_image(headers: &HeaderMap) -> Option<&'static str> {
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
         (status = 406, description = "A raw image was asked for more than one image", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
         (status = 422, description = "A field is invalid (named in `field`)", body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
         (status = 500, description = "The job failed", body = ErrorBody),
@@ -68,8 +69,7 @@ pub async fn generate(
     if let Some(mime) = raw {
         if req.num_images != 1 {
             return Err(ApiError::new(
-                StatusCode::NOT_ACCEPTABLE,
-                "not_acceptable",
+                ErrorKind::NotAcceptable,
                 "a raw image answer holds one image: ask for num_images 1 or accept JSON",
             )
             .with_field("num_images"));
@@ -83,9 +83,10 @@ pub async fn generate(
     let (mut prepared, prepare_ms) = prepare(&state, req).await?;
     let format = prepared.format;
     let hints = std::mem::take(&mut prepared.hints);
-    let finished = run_job(&state, prepared, prepare_ms, None).await?;
+    let mut finished = run_job(&state, prepared, prepare_ms, None).await?;
     if raw.is_some() {
-        let bytes = images::encode(&finished.images[0], format)?;
+        let image = finished.images.swap_remove(0);
+        let bytes = images::encode_blocking(image, format).await?;
         return Ok((
             [
                 (header::CONTENT_TYPE, format.mime().to_string()),
@@ -98,23 +99,19 @@ pub async fn generate(
         )
             .into_response());
     }
-    Ok(Json(response(finished, format, &hints)?).into_response())
+    Ok(Json(response(finished, format, hints).await?).into_response())
 }
 
-/// The JSON answer: images in `format`, hints as PNG, both base64.
-fn response(
+/// The JSON answer: images in `format`, hints as PNG, both base64 (encoded on a blocking
+/// thread).
+async fn response(
     finished: Finished,
     format: images::OutputFormat,
-    hints: &[image::RgbImage],
+    hints: Vec<image::RgbImage>,
 ) -> Result<GenerateResponse, ApiError> {
-    let encode = |all: &[image::RgbImage], f| {
-        all.iter()
-            .map(|i| images::encode_base64(i, f))
-            .collect::<Result<Vec<_>, _>>()
-    };
     Ok(GenerateResponse {
-        images: encode(&finished.images, format)?,
-        hints: encode(hints, images::OutputFormat::Png)?,
+        images: images::encode_base64_all(finished.images, format).await?,
+        hints: images::encode_base64_all(hints, images::OutputFormat::Png).await?,
         seeds: finished.seeds,
         format,
         timings: finished.timings,
@@ -132,15 +129,19 @@ fn response(
         (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
+        (status = 500, description = "The server failed (the job, a weight file, or a panic)", body = ErrorBody),
         (status = 503, description = "Not ready", body = ErrorBody),
     ),
     security((), ("api_key" = []))
 )]
 pub async fn generate_stream(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<GenerateRequest>,
 ) -> Result<Response, ApiError> {
+    let request_id = crate::request_id(&headers);
     state.check_ready()?;
     // Bad input is a plain 4xx before the stream starts.
     let (mut prepared, prepare_ms) = prepare(&state, req).await?;
@@ -182,13 +183,21 @@ pub async fn generate_stream(
         let result = run_job(&task_state, prepared, prepare_ms, Some(progress_tx)).await;
         // The progress events go first: `done` or `error` is the last event.
         let _ = forwarder.await;
-        let event = match result.and_then(|f| response(f, format, &hints)) {
+        let result = match result {
+            Ok(f) => response(f, format, hints).await,
+            Err(e) => Err(e),
+        };
+        let event = match result {
             Ok(done) => SseEvent::default()
                 .event("done")
                 .data(serde_json::to_string(&done).unwrap_or_default()),
-            Err(e) => SseEvent::default()
-                .event("error")
-                .data(serde_json::to_string(&e.body).unwrap_or_default()),
+            Err(e) => {
+                // The answer was 200 when the stream began: log the failure here.
+                e.log(&request_id);
+                SseEvent::default()
+                    .event("error")
+                    .data(serde_json::to_string(&e.body).unwrap_or_default())
+            }
         };
         let _ = events_tx.send(event).await;
     });
@@ -218,7 +227,12 @@ fn sse_stream(rx: mpsc::Receiver<SseEvent>) -> impl Stream<Item = Result<SseEven
         (status = 200, description = "The hint image", body = DetectResponse),
         (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 413, description = "Body over the limit (server.max_body_bytes)", body = ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
+        (status = 429, description = "The device worker's queue is full (network preprocessors)", body = ErrorBody),
+        (status = 500, description = "The server failed (the job, a weight file, or a panic)", body = ErrorBody),
+        (status = 503, description = "Out of device memory, or shutting down", body = ErrorBody),
     ),
     security((), ("api_key" = []))
 )]
@@ -227,9 +241,9 @@ pub async fn detect(
     ApiJson(req): ApiJson<DetectRequest>,
 ) -> Result<Json<DetectResponse>, ApiError> {
     let max = state.config.limits.max_input_pixels;
-    let hint = tokio::task::spawn_blocking(move || {
+    images::blocking("preprocessing", move || {
         let image = images::decode_base64("image", &req.image, max)?;
-        api::run_preprocessor(
+        let hint = api::run_preprocessor(
             &state,
             "",
             &req.preprocessor,
@@ -237,21 +251,21 @@ pub async fn detect(
             req.processor_res,
             &req.params,
             req.seed,
-        )
+        )?;
+        Ok(Json(DetectResponse {
+            image: images::encode_base64(&hint, images::OutputFormat::Png)?,
+            width: hint.width(),
+            height: hint.height(),
+        }))
     })
     .await
-    .map_err(|e| ApiError::internal(format!("preprocessing: {e}")))??;
-    Ok(Json(DetectResponse {
-        image: images::encode_base64(&hint, images::OutputFormat::Png)?,
-        width: hint.width(),
-        height: hint.height(),
-    }))
 }
 
 /// The preprocessors and their parameters.
 #[utoipa::path(
     get, path = "/v1/preprocessors", tag = "preprocess",
-    responses((status = 200, description = "Every preprocessor", body = [PreprocessorInfo])),
+    responses((status = 200, description = "Every preprocessor", body = [PreprocessorInfo]),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody)),
     security((), ("api_key" = []))
 )]
 pub async fn preprocessors(State(state): State<AppState>) -> Json<Vec<PreprocessorInfo>> {
@@ -261,7 +275,8 @@ pub async fn preprocessors(State(state): State<AppState>) -> Json<Vec<Preprocess
 /// The base models.
 #[utoipa::path(
     get, path = "/v1/models", tag = "models",
-    responses((status = 200, description = "Base models; the first is the default", body = [ModelInfoApi])),
+    responses((status = 200, description = "Base models; the first is the default", body = [ModelInfoApi]),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody)),
     security((), ("api_key" = []))
 )]
 pub async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfoApi>> {
@@ -282,7 +297,8 @@ pub async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfoApi>> {
 /// The ControlNet adapters.
 #[utoipa::path(
     get, path = "/v1/adapters", tag = "adapters",
-    responses((status = 200, description = "Registered adapters", body = [AdapterInfoApi])),
+    responses((status = 200, description = "Registered adapters", body = [AdapterInfoApi]),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody)),
     security((), ("api_key" = []))
 )]
 pub async fn adapters(State(state): State<AppState>) -> Json<Vec<AdapterInfoApi>> {
@@ -305,10 +321,14 @@ pub async fn adapters(State(state): State<AppState>) -> Json<Vec<AdapterInfoApi>
     request_body = PutAdapterRequest,
     responses(
         (status = 200, description = "Loaded", body = AdapterInfoApi),
+        (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 401, description = "Missing or unknown admin key", body = ErrorBody),
         (status = 403, description = "Outside the adapter roots, or not an admin key", body = ErrorBody),
         (status = 404, description = "No such file in the roots", body = ErrorBody),
+        (status = 413, description = "Body over the limit (server.max_body_bytes)", body = ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
         (status = 422, description = "Bad name or not a ControlNet", body = ErrorBody),
+        (status = 500, description = "The server failed (the job, a weight file, or a panic)", body = ErrorBody),
         (status = 503, description = "The memory budget is held by adapters in use", body = ErrorBody),
     ),
     security((), ("admin_key" = []))
@@ -400,9 +420,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// This API's description.
 #[utoipa::path(get, path = "/openapi.yaml", tag = "operations",
     responses((status = 200, description = "The OpenAPI document", body = String, content_type = "application/yaml")))]
-pub async fn openapi() -> impl IntoResponse {
+pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/yaml")],
-        crate::openapi::yaml(),
+        crate::openapi::yaml_for(&crate::openapi::Facts::from_state(&state)),
     )
 }
