@@ -496,3 +496,44 @@ async fn a1111_routes_need_the_api_key() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A1111 clients write A1111's prompt syntax: emphasis is applied (the image differs from the
+/// same text read plainly), the result equals the native route with `prompt_syntax: a1111`, and
+/// `<lora:…>` tags are dropped and named in `info`.
+#[tokio::test]
+async fn prompts_are_read_in_a1111_syntax() {
+    let server = Server::start(&[], &[]);
+    let client = reqwest::Client::new();
+    let prompt = "a (red:1.6) house, [[sky]] <lora:detail:0.7>";
+    let (status, body) = post(
+        &client,
+        &server,
+        "/sdapi/v1/txt2img",
+        json!({"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 9,
+               "sampler_name": "Euler", "cfg_scale": 5.0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let a1111_image = decode_png(body["images"][0].as_str().unwrap());
+    assert_eq!(
+        parse_info(&body)["ignored_extra_networks"],
+        json!(["<lora:detail:0.7>"])
+    );
+
+    let native = |syntax: &str| {
+        json!({"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 9,
+               "scheduler": "euler", "guidance_scale": 5.0, "prompt_syntax": syntax})
+    };
+    let (status, body) = post(&client, &server, "/v1/generate", native("a1111")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(decode_png(body["images"][0].as_str().unwrap()), a1111_image);
+    let (status, body) = post(&client, &server, "/v1/generate", native("plain")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(
+        decode_png(body["images"][0].as_str().unwrap()),
+        a1111_image,
+        "emphasis changed nothing"
+    );
+    let (status, body) = post(&client, &server, "/v1/generate", native("markdown")).await;
+    assert_eq!(status, 422, "{body}");
+}

@@ -132,6 +132,24 @@ pub struct ControlRequest {
     pub control_mode: ControlModeApi,
 }
 
+/// How a request's prompts are read (see `GenerateRequest::prompt_syntax`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptSyntaxApi {
+    #[default]
+    Plain,
+    A1111,
+}
+
+impl From<PromptSyntaxApi> for diffusion::prompt_syntax::PromptSyntax {
+    fn from(s: PromptSyntaxApi) -> Self {
+        match s {
+            PromptSyntaxApi::Plain => Self::Plain,
+            PromptSyntaxApi::A1111 => Self::A1111,
+        }
+    }
+}
+
 /// `POST /v1/generate`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -186,6 +204,12 @@ pub struct GenerateRequest {
     #[serde(default)]
     #[schema(maximum = 10)]
     pub clip_skip: usize,
+    /// How `prompt` and `negative_prompt` are read: `plain`, as written (diffusers'
+    /// behaviour), or `a1111`, AUTOMATIC1111's syntax: `(word)` ×1.1, `[word]` ÷1.1,
+    /// `(word:1.5)`, escapes `\(`, `BREAK` starting a new 75-token chunk, `<lora:…>` and
+    /// `<hypernet:…>` tags removed (not applied). The A1111 routes always use `a1111`.
+    #[serde(default)]
+    pub prompt_syntax: PromptSyntaxApi,
     /// DDIM's eta (0 to 1).
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1)]
@@ -546,6 +570,7 @@ pub fn prepare(
     request.seed = seed;
     request.num_images = req.num_images;
     request.clip_skip = req.clip_skip;
+    request.prompt_syntax = req.prompt_syntax.into();
     request.init = init;
     let mut job = Job::new(request);
     job.model = req.model;

@@ -246,6 +246,8 @@ pub fn convert(req: &A1111Request, img2img: bool, state: &AppState) -> Result<Co
         num_images: total,
         model,
         clip_skip: clip_skip.saturating_sub(1),
+        // A1111 clients write A1111's prompt syntax.
+        prompt_syntax: api::PromptSyntaxApi::A1111,
         eta: req.eta.unwrap_or(0.0),
         init_image: None,
         mask: None,

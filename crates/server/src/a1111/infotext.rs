@@ -59,6 +59,13 @@ impl Info<'_> {
                 .map(|s| infotext(req, self.sampler_label, self.clip_skip, self.units, self.img2img, *s, self.model))
                 .collect::<Vec<_>>(),
             "timings": self.timings,
+            // Extra-network tags (`<lora:…>`, `<hypernet:…>`) are removed from the prompt and
+            // not applied: say which, so a client knows its LoRA did nothing.
+            "ignored_extra_networks": diffusion::prompt_syntax::parse(&req.prompt)
+                .ignored_tags
+                .iter()
+                .map(|t| t.text.clone())
+                .collect::<Vec<_>>(),
         })
         .to_string()
     }
