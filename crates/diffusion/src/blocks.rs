@@ -1,9 +1,9 @@
 //! The UNet's building blocks, by their diffusers names.
 //!
-//! candle-transformers' timestep MLP is reused. Its transformer blocks are not: its GEGLU uses the
-//! tanh approximation of GELU where diffusers uses the exact erf form (a ~1e-3 difference that
-//! breaks parity), so the attention stack is ours. Its resnet block and sinusoidal timestep
-//! embedding are ours too, for half precision and for the device (see below).
+//! candle-transformers' blocks are not reused. Its GEGLU uses the tanh approximation of GELU
+//! where diffusers uses the exact erf form (a ~1e-3 difference that breaks parity), so the
+//! attention stack is ours. Its resnet block, sinusoidal timestep embedding and timestep MLP are
+//! ours too, for half precision, for the device and for batch invariance (see below).
 //!
 //! Half precision (f16 / bf16), as PyTorch and diffusers compute it:
 //! - the sinusoidal timestep embedding in f32 ([`Timesteps`]), cast to the model's dtype before
@@ -18,9 +18,26 @@
 //!
 //! Nothing here copies between host and device per call: constants (the timestep frequencies)
 //! are uploaded when the model is built.
+//!
+//! Batch invariance (the README's "Seeds"): on the CPU, what these blocks compute for one
+//! batch element is bit-for-bit what they compute for it alone, whatever else is in the batch.
+//! Convolutions, norms, softmax and element-wise ops work image by image (or row by row) in
+//! candle's CPU backend, and a batched matmul (attention's) is a loop of per-element matmuls.
+//! Two things did depend on the batch, both through the `gemm` crate behind candle's CPU
+//! matmul, which picks its kernel, and with it the order in which each output sums its
+//! products, by the shape of the call:
+//! - a linear layer folds the batch into the rows of one matmul. Within gemm's blocked kernels
+//!   an output row's sums do not depend on the number of rows, but too few rows go to other
+//!   kernels: one row to a matrix-vector kernel, up to 256 outputs to dot-product kernels, and
+//!   up to 64×64 outputs block their depth by 512 where the blocked kernels may not. So the time
+//!   embedding (one row per batch element) of a batch of one was not summed as in a batch of
+//!   two, nor a tiny model's of two as of four. [`Linear`] pads such calls with zero rows
+//!   ([`gemm_min_rows`]); a test pins gemm's behaviour for the models' shapes.
+//! - [`attention`] slices its queries to bound the score tensor; the slices were sized for the
+//!   whole batch, so an image's matmuls had fewer rows the more images shared its batch. They
+//!   are sized for one image now, and the batch is cut into groups of images instead.
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
-use candle_transformers::models::stable_diffusion::embeddings::TimestepEmbedding;
 
 use crate::config::{AttentionSpec, EncoderSpec};
 
@@ -33,13 +50,86 @@ fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<n
     nn::conv2d(c_in, c_out, 3, cfg, vb)
 }
 
+/// The fewest rows for which gemm 0.19 computes a `[m, k] × [k, n]` product with its blocked
+/// kernels, whose sums for an output row do not depend on `m` (see the module header): two or
+/// more rows (one is a matrix-vector product), more than 256 outputs (up to 256 take the
+/// dot-product kernels), and more than 64 rows when `n ≤ 64` and `k > 512` (up to 64×64
+/// outputs are summed in depth blocks of 512, the blocked kernels' depth blocking depends on
+/// the cache sizes). `linear_rows_do_not_depend_on_the_batch` checks this on the models' shapes.
+pub(crate) fn gemm_min_rows(n: usize, k: usize) -> usize {
+    let mut rows = 2.max(256 / n.max(1) + 1);
+    if n <= 64 && k > 512 {
+        rows = rows.max(65);
+    }
+    rows
+}
+
+/// candle_nn's linear layer (`x·Wᵀ + b`, leading dimensions folded into the rows of one
+/// matmul, as it does), batch-invariant on the CPU: a call with fewer rows than
+/// [`gemm_min_rows`] is padded with zero rows, so that every call, alone or batched, takes
+/// gemm's blocked kernels. Costs nothing measurable: only the time embedding (a row per batch
+/// element) and tiny models' layers are that small.
+#[derive(Debug, Clone)]
+pub struct Linear(nn::Linear);
+
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(nn::linear(in_dim, out_dim, vb)?))
+}
+
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(nn::linear_no_bias(in_dim, out_dim, vb)?))
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (out_dim, k) = self.0.weight().dims2()?;
+        let rows = xs.elem_count() / k.max(1);
+        let min_rows = gemm_min_rows(out_dim, k);
+        if !xs.device().is_cpu() || rows >= min_rows {
+            return self.0.forward(xs);
+        }
+        let padded = xs
+            .reshape((rows, k))?
+            .pad_with_zeros(0, 0, min_rows - rows)?;
+        let mut dims = xs.dims().to_vec();
+        *dims
+            .last_mut()
+            .expect("a linear layer's input has dimensions") = out_dim;
+        self.0.forward(&padded)?.narrow(0, 0, rows)?.reshape(dims)
+    }
+}
+
+/// diffusers' `TimestepEmbedding` (`linear_1`, SiLU, `linear_2`) with [`Linear`]s: its input
+/// has a row per batch element, the calls most in need of padding.
+#[derive(Debug)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, channels: usize, time_embed_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(channels, time_embed_dim, vb.pp("linear_1"))?,
+            linear_2: linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2
+            .forward(&nn::ops::silu(&self.linear_1.forward(xs)?)?)
+    }
+}
+
 /// Multi-head attention (`attn1`/`attn2` in diffusers' `BasicTransformerBlock`).
 #[derive(Debug)]
 pub struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: usize,
     scale: f64,
     /// diffusers' `upcast_attention`: compute the scores in f32 (SD 2.1 overflows in f16).
@@ -56,10 +146,10 @@ impl Attention {
     ) -> Result<Self> {
         let head_dim = query_dim / heads;
         Ok(Self {
-            to_q: nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
-            to_k: nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
-            to_v: nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
-            to_out: nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
+            to_out: linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
@@ -87,9 +177,9 @@ impl Attention {
     }
 }
 
-/// Score tensors above this many elements are computed a slice of queries at a time. At SD's
-/// 64×64 latent a full `[2·8, 4096, 4096]` score tensor is 1 GiB; slices keep the working set
-/// small (and off the allocator's page-faulting path) without changing a single value.
+/// Score tensors above this many elements are computed a slice at a time. At SD's 64×64
+/// latent a full `[2·8, 4096, 4096]` score tensor is 1 GiB; slices keep the working set small
+/// (and off the allocator's page-faulting path).
 const SCORE_ELEMENTS: usize = 1 << 22;
 
 /// softmax(q·kᵀ·scale)·v on `[B, H, N, D]`. Scores are computed in f32 when `upcast` (diffusers'
@@ -117,43 +207,60 @@ fn attention_sliced(
     } else {
         k.t()?
     };
-    let chunk = (max_scores / (b * h * nk).max(1)).clamp(1, nq);
-    let mut outs = Vec::with_capacity(nq.div_ceil(chunk));
-    for start in (0..nq).step_by(chunk) {
-        let q_part = q.narrow(2, start, chunk.min(nq - start))?;
-        let q_part = if upcast {
-            q_part.to_dtype(DType::F32)?
+    // Slices of one image's queries, then groups of images: a slice's size, and with it the
+    // rows of every matmul an image's queries take part in (one per head and image: candle
+    // loops over them), does not depend on the batch (the module header).
+    let chunk = (max_scores / (h * nk).max(1)).clamp(1, nq);
+    let group = (max_scores / (h * chunk * nk).max(1)).clamp(1, b);
+    let mut images = Vec::with_capacity(b.div_ceil(group));
+    for first in (0..b).step_by(group) {
+        let n_images = group.min(b - first);
+        let kt = kt.narrow(0, first, n_images)?;
+        let v = v.narrow(0, first, n_images)?;
+        let mut outs = Vec::with_capacity(nq.div_ceil(chunk));
+        for start in (0..nq).step_by(chunk) {
+            let q_part = q
+                .narrow(0, first, n_images)?
+                .narrow(2, start, chunk.min(nq - start))?;
+            let q_part = if upcast {
+                q_part.to_dtype(DType::F32)?
+            } else {
+                q_part
+            };
+            let scores = (q_part.matmul(&kt)?.to_dtype(DType::F32)? * scale)?;
+            let probs = if needs_grad {
+                nn::ops::softmax(&scores, D::Minus1)?
+            } else {
+                nn::ops::softmax_last_dim(&scores)?
+            };
+            outs.push(probs.to_dtype(dtype)?.matmul(&v)?);
+        }
+        images.push(if outs.len() == 1 {
+            outs.pop().expect("one chunk")
         } else {
-            q_part
-        };
-        let scores = (q_part.matmul(&kt)?.to_dtype(DType::F32)? * scale)?;
-        let probs = if needs_grad {
-            nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            nn::ops::softmax_last_dim(&scores)?
-        };
-        outs.push(probs.to_dtype(dtype)?.matmul(v)?);
+            Tensor::cat(&outs, 2)?
+        });
     }
-    if outs.len() == 1 {
-        Ok(outs.pop().expect("one chunk"))
+    if images.len() == 1 {
+        Ok(images.pop().expect("one group"))
     } else {
-        Tensor::cat(&outs, 2)
+        Tensor::cat(&images, 0)
     }
 }
 
 /// `FeedForward` with a GEGLU input projection (`ff.net.0.proj`, `ff.net.2`).
 #[derive(Debug)]
 struct FeedForward {
-    proj_in: nn::Linear,
-    proj_out: nn::Linear,
+    proj_in: Linear,
+    proj_out: Linear,
 }
 
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj_in: nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            proj_out: nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj_in: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 }
@@ -273,7 +380,7 @@ pub struct ResnetBlock2D {
     conv1: nn::Conv2d,
     norm2: GroupNorm,
     conv2: nn::Conv2d,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<Linear>,
     /// A 1×1 conv when the channel count changes.
     conv_shortcut: Option<nn::Conv2d>,
     output_scale_factor: f64,
@@ -301,7 +408,7 @@ impl ResnetBlock2D {
             norm2: group_norm(groups, c_out, eps, vb.pp("norm2"))?,
             conv2: conv3x3(vb.pp("conv2"), c_out, c_out, 1)?,
             time_emb_proj: temb_channels
-                .map(|t| nn::linear(t, c_out, vb.pp("time_emb_proj")))
+                .map(|t| linear(t, c_out, vb.pp("time_emb_proj")))
                 .transpose()?,
             conv_shortcut,
             output_scale_factor,
@@ -423,7 +530,7 @@ impl BasicTransformerBlock {
 #[derive(Debug)]
 enum Projection {
     Conv(nn::Conv2d),
-    Linear(nn::Linear),
+    Linear(Linear),
 }
 
 /// diffusers' `Transformer2DModel` (continuous input): the `attentions.{i}` of a block.
@@ -445,8 +552,8 @@ impl Transformer2D {
         let norm = group_norm(enc.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if enc.use_linear_projection {
             (
-                Projection::Linear(nn::linear(channels, channels, vb.pp("proj_in"))?),
-                Projection::Linear(nn::linear(channels, channels, vb.pp("proj_out"))?),
+                Projection::Linear(linear(channels, channels, vb.pp("proj_in"))?),
+                Projection::Linear(linear(channels, channels, vb.pp("proj_out"))?),
             )
         } else {
             let cfg = Default::default();
@@ -916,6 +1023,120 @@ mod tests {
                 values(&wide.to_dtype(dtype).unwrap()),
                 "{dtype:?}"
             );
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        values(t).iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The premise of [`gemm_min_rows`], on the linear layers of SD 1.5 (UNet, ControlNet,
+    /// VAE) and of the embedded model: a batch element's outputs are those it gets alone,
+    /// whatever the batch's size, for token counts from one (the time embedding, a tiny latent's
+    /// mid block) up. Fails if a gemm update changes how it picks its kernels.
+    #[test]
+    fn linear_rows_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        // (in, out): SD 1.5's attention, feed-forward, cross-attention, time embedding and time
+        // projections, VAE attention; then the embedded model's.
+        let sd = [
+            (320, 320),
+            (320, 2560),
+            (1280, 320),
+            (768, 320),
+            (640, 5120),
+            (1280, 1280),
+            (5120, 1280),
+            (320, 1280),
+            (1280, 640),
+            (512, 512),
+        ];
+        let tiny = [
+            (32, 32),
+            (32, 256),
+            (128, 32),
+            (32, 128),
+            (128, 128),
+            (128, 64),
+            (64, 64),
+            (64, 512),
+            (256, 64),
+        ];
+        for dtype in [DType::F32, DType::F16] {
+            for (shapes, tokens) in [(&sd[..], &[0, 1, 2, 5][..]), (&tiny[..], &[0, 1, 2, 4, 9])] {
+                for &(k, n) in shapes {
+                    let map = std::collections::HashMap::from([
+                        (
+                            "weight".to_string(),
+                            Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap(),
+                        ),
+                        (
+                            "bias".to_string(),
+                            Tensor::randn(0f32, 0.05, n, &dev).unwrap(),
+                        ),
+                    ]);
+                    let vb = VarBuilder::from_tensors(map, dtype, &dev);
+                    let layer = linear(k, n, vb).unwrap();
+                    for &t in tokens {
+                        // 0 tokens: a `[B, in]` input, as the time embedding's.
+                        let one = |b: usize| -> Vec<usize> {
+                            if t == 0 {
+                                vec![b, k]
+                            } else {
+                                vec![b, t, k]
+                            }
+                        };
+                        let xs = Tensor::randn(0f32, 1., one(8), &dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap();
+                        let alone: Vec<Vec<u32>> = (0..8)
+                            .map(|i| bits(&layer.forward(&xs.narrow(0, i, 1).unwrap()).unwrap()))
+                            .collect();
+                        for b in [2, 3, 4, 8] {
+                            let out = layer.forward(&xs.narrow(0, 0, b).unwrap()).unwrap();
+                            for (i, alone) in alone.iter().enumerate().take(b) {
+                                assert!(
+                                    bits(&out.narrow(0, i, 1).unwrap()) == *alone,
+                                    "{dtype:?} {k}→{n}, {t} tokens: element {i} of {b} differs"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rows_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        let (h, nq, nk, d) = (2, 50, 40, 8);
+        let q = Tensor::randn(0f32, 1., (5, h, nq, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (5, h, nk, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (5, h, nk, d), &dev).unwrap();
+        // Budgets: whole images in one call, 7 queries of one image, and 2 images per group.
+        for budget in [usize::MAX, h * nk * 7, 2 * h * nk * nq] {
+            let alone: Vec<Vec<u32>> = (0..5)
+                .map(|i| {
+                    let one = |t: &Tensor| t.narrow(0, i, 1).unwrap();
+                    bits(
+                        &attention_sliced(&one(&q), &one(&k), &one(&v), 0.35, false, budget)
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            for b in [2, 3, 5] {
+                let first = |t: &Tensor| t.narrow(0, 0, b).unwrap();
+                let out = attention_sliced(&first(&q), &first(&k), &first(&v), 0.35, false, budget)
+                    .unwrap();
+                for (i, alone) in alone.iter().enumerate().take(b) {
+                    assert!(
+                        bits(&out.narrow(0, i, 1).unwrap()) == *alone,
+                        "budget {budget}: element {i} of {b} differs"
+                    );
+                }
+            }
         }
     }
 

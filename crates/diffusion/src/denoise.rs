@@ -7,6 +7,11 @@
 //! on the rows that use it, sums the residuals per row on the device, makes one UNet call, and
 //! hands each job its rows back for guidance and its scheduler's step. The single-request
 //! pipeline is this with a batch of one; the engine's batcher is this with many.
+//!
+//! On the CPU a job's results are bit-for-bit what it gets alone, whatever shares its batch
+//! (the README's "Seeds"): the models compute each batch element on its own
+//! ([`crate::blocks`]), and a row's ControlNet residuals are summed in its job's own order of
+//! controls, with nothing added for controls that are not its own.
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
@@ -179,9 +184,17 @@ struct NetRows {
     runs: Vec<(usize, usize, Tensor, Vec<f64>)>,
 }
 
+/// Consecutive batch rows of one job that take the same controls (its unconditional or its
+/// conditional rows), and where their residuals are: `(net entry, first row of its output)`
+/// per control, in the job's order of controls.
+struct RowResiduals {
+    len: usize,
+    from: Vec<(usize, usize)>,
+}
+
 impl NetRows {
     /// Whether batch rows `first..first + len` are already in this sub-batch (a job using the
-    /// same net twice): the scatter back does not sum, so such a run goes to another call.
+    /// same net twice): such a run goes to another call, with rows of its own.
     fn overlaps(&self, first: usize, len: usize) -> bool {
         self.runs
             .iter()
@@ -217,6 +230,8 @@ pub fn step_batch_each(
     let mut timesteps = Vec::with_capacity(jobs.len());
     let mut embeddings = Vec::with_capacity(jobs.len());
     let mut nets: Vec<NetRows> = Vec::new();
+    // Every batch row, in order, in exactly one segment.
+    let mut segments: Vec<RowResiduals> = Vec::new();
     let mut row = 0usize;
     for job in jobs.iter() {
         if job.is_done() {
@@ -241,6 +256,14 @@ pub fn step_batch_each(
 
         // The window counts steps from where the job started (img2img starts late).
         let (i, total) = (job.step - job.start_step, job.n_steps() - job.start_step);
+        // The job's segments: unconditional rows (when guided), then conditional ones.
+        let first_segment = segments.len();
+        for _ in 0..if guided { 2 } else { 1 } {
+            segments.push(RowResiduals {
+                len: n,
+                from: Vec::new(),
+            });
+        }
         for c in &job.controls {
             if !control::is_active(i, total, c.start, c.end) {
                 continue;
@@ -258,17 +281,17 @@ pub fn step_batch_each(
                 job_runs.push(row);
             }
             for first in job_runs {
-                let entry = match nets
+                let e = match nets
                     .iter()
                     .position(|e| Arc::ptr_eq(&e.net, &c.net) && !e.overlaps(first, n))
                 {
-                    Some(k) => &mut nets[k],
+                    Some(k) => k,
                     None => {
                         nets.push(NetRows {
                             net: c.net.clone(),
                             runs: Vec::new(),
                         });
-                        nets.last_mut().expect("just pushed")
+                        nets.len() - 1
                     }
                 };
                 let hint = if n == 1 {
@@ -276,17 +299,20 @@ pub fn step_batch_each(
                 } else {
                     c.hint.repeat((n, 1, 1, 1))?
                 };
-                entry.runs.push((first, n, hint, app.weights.clone()));
+                let at = nets[e].runs.iter().map(|r| r.1).sum();
+                nets[e].runs.push((first, n, hint, app.weights.clone()));
+                let segment = first_segment + usize::from(guided && first == cond_first);
+                segments[segment].from.push((e, at));
             }
         }
         row += job.n_rows();
     }
-    let batch = row;
+    debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), row);
     let sample = Tensor::cat(&inputs, 0)?;
     let timesteps = Tensor::cat(&timesteps, 0)?;
     let embeddings = Tensor::cat(&embeddings, 0)?;
 
-    let mut residuals: Option<ControlResiduals> = None;
+    let mut outs: Vec<ControlResiduals> = Vec::with_capacity(nets.len());
     for entry in &nets {
         let gather = |t: &Tensor| -> Result<Tensor> {
             let parts = entry
@@ -316,51 +342,19 @@ pub fn step_batch_each(
             .iter()
             .map(|(_, _, h, _)| h.clone())
             .collect::<Vec<_>>();
-        let out = entry.net.forward_weighted(
+        outs.push(entry.net.forward_weighted(
             &gather(&sample)?,
             &gather(&timesteps)?,
             &gather(&embeddings)?,
             &Tensor::cat(&hints, 0)?,
             &weights,
-        )?;
-        // Scatter into the batch's rows (rows without this net get zeros), on the device: the
-        // runs in batch order, zeros in the gaps.
-        let mut order: Vec<(usize, usize, usize)> = Vec::with_capacity(entry.runs.len());
-        let mut at = 0;
-        for &(first, len, _, _) in &entry.runs {
-            order.push((first, len, at));
-            at += len;
-        }
-        order.sort_unstable_by_key(|&(first, _, _)| first);
-        let scatter = |r: &Tensor| -> Result<Tensor> {
-            let zeros = |rows: usize| {
-                let mut dims = r.dims().to_vec();
-                dims[0] = rows;
-                Tensor::zeros(dims, r.dtype(), r.device())
-            };
-            let mut parts = Vec::with_capacity(2 * order.len() + 1);
-            let mut next = 0;
-            for &(first, len, at) in &order {
-                if first > next {
-                    parts.push(zeros(first - next)?);
-                }
-                parts.push(r.narrow(0, at, len)?);
-                next = first + len;
-            }
-            if next < batch {
-                parts.push(zeros(batch - next)?);
-            }
-            Tensor::cat(&parts, 0)
-        };
-        let full = ControlResiduals {
-            down: out.down.iter().map(scatter).collect::<Result<_>>()?,
-            mid: scatter(&out.mid)?,
-        };
-        residuals = Some(match residuals {
-            None => full,
-            Some(acc) => acc.add(&full)?,
-        });
+        )?);
     }
+    let residuals = if outs.is_empty() {
+        None
+    } else {
+        Some(assemble_residuals(&outs, &segments)?)
+    };
 
     let noise_pred = unet.forward(&sample, &timesteps, &embeddings, residuals.as_ref())?;
 
@@ -376,6 +370,50 @@ pub fn step_batch_each(
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+/// The batch's residuals from the nets' outputs: each segment's rows get the sum of their own
+/// controls' residuals in their job's order (alone, a job sums the same terms in the same
+/// order), rows without a control get −0 (which leaves the UNet's `skip + residual` exactly
+/// `skip`, as no residual at all does; +0 would turn a −0 skip into +0). Pooled residuals
+/// (`[n, C, 1, 1]`, global pooling) are broadcast to the spatial size when another net has it.
+fn assemble_residuals(
+    outs: &[ControlResiduals],
+    segments: &[RowResiduals],
+) -> Result<ControlResiduals> {
+    let assemble = |pick: &dyn Fn(&ControlResiduals) -> &Tensor| -> Result<Tensor> {
+        let first = pick(&outs[0]);
+        let mut dims = first.dims().to_vec();
+        for o in &outs[1..] {
+            for (d, &od) in dims.iter_mut().zip(pick(o).dims()).skip(1) {
+                *d = (*d).max(od);
+            }
+        }
+        let mut parts = Vec::with_capacity(segments.len());
+        for seg in segments {
+            dims[0] = seg.len;
+            let mut sum: Option<Tensor> = None;
+            for &(e, at) in &seg.from {
+                let r = pick(&outs[e]).narrow(0, at, seg.len)?;
+                sum = Some(match sum {
+                    None => r,
+                    Some(acc) => acc.broadcast_add(&r)?,
+                });
+            }
+            parts.push(match sum {
+                Some(sum) => sum.broadcast_as(dims.as_slice())?,
+                None => transfer::full(-0.0, dims.as_slice(), first.dtype(), first.device())?,
+            });
+        }
+        Tensor::cat(&parts, 0)
+    };
+    let n_down = outs[0].down.len();
+    Ok(ControlResiduals {
+        down: (0..n_down)
+            .map(|k| assemble(&|o: &ControlResiduals| &o.down[k]))
+            .collect::<Result<_>>()?,
+        mid: assemble(&|o: &ControlResiduals| &o.mid)?,
+    })
 }
 
 /// Guidance and the scheduler step for one job, from its rows of the UNet's output.

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::blocks::{group_norm, GroupNorm, ResnetBlock2D};
+use crate::blocks::{group_norm, linear, GroupNorm, Linear, ResnetBlock2D};
 use crate::weights::WeightFile;
 use crate::Error;
 
@@ -195,10 +195,10 @@ fn conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize) -> R
 #[derive(Debug)]
 struct SpatialAttention {
     group_norm: GroupNorm,
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     scale: f64,
 }
 
@@ -206,10 +206,10 @@ impl SpatialAttention {
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
             group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            to_q: nn::linear(channels, channels, vb.pp("to_q"))?,
-            to_k: nn::linear(channels, channels, vb.pp("to_k"))?,
-            to_v: nn::linear(channels, channels, vb.pp("to_v"))?,
-            to_out: nn::linear(channels, channels, vb.pp("to_out.0"))?,
+            to_q: linear(channels, channels, vb.pp("to_q"))?,
+            to_k: linear(channels, channels, vb.pp("to_k"))?,
+            to_v: linear(channels, channels, vb.pp("to_v"))?,
+            to_out: linear(channels, channels, vb.pp("to_out.0"))?,
             // heads = channels / attention_head_dim with attention_head_dim = channels: one.
             scale: 1.0 / (channels as f64).sqrt(),
         })
