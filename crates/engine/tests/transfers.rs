@@ -23,6 +23,10 @@ fn engine() -> Engine {
         Arc::new(registry),
         EngineConfig {
             max_batch: 8,
+            // The three jobs must share every step (jobs that finish together are decoded, and
+            // downloaded, together): an idle worker waits this long to fill its batch,
+            // far longer than submitting three jobs takes.
+            max_queue_delay: std::time::Duration::from_millis(500),
             ..EngineConfig::default()
         },
     )
