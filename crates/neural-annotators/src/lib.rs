@@ -20,12 +20,14 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
+pub mod ade20k;
 pub mod formula;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
 pub mod mlsd;
 pub mod pidinet;
+pub mod tensor_ops;
 
 pub type Result<T> = std::result::Result<T, diffusion::Error>;
 
