@@ -121,23 +121,36 @@ impl SimpleBackend for FormulaWeights {
     }
 }
 
-/// Every tensor `network` reads, as (name, shape, formula values), in the order it reads them:
-/// the network is built once on formula weights, recording what it asks for. This is the
-/// reference's state dict (the names the network asks for are the reference's keys).
-pub fn state_dict(network: crate::Network) -> crate::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+/// Every tensor `network` reads (in its default architecture), as (name, shape), in the order
+/// it reads them, each once: the network is built once on formula weights, recording what it
+/// asks for. These are the reference's state-dict keys.
+pub fn shapes(network: crate::Network) -> crate::Result<Vec<(String, Vec<usize>)>> {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let backend = Recording { seen: seen.clone() };
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
     network.build(vb)?;
     let names: Vec<(String, Vec<usize>)> = seen.lock().expect("not poisoned").clone();
-    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     for (name, shape) in names {
-        if !out.iter().any(|(n, _, _)| *n == name) {
-            let v = values(&name, &shape);
-            out.push((name, shape, v));
+        if !out.iter().any(|(n, _)| *n == name) {
+            out.push((name, shape));
         }
     }
     Ok(out)
+}
+
+/// One state-dict entry: name, shape, values (row-major).
+pub type Entry = (String, Vec<usize>, Vec<f32>);
+
+/// [`shapes`] with each tensor's formula values: the reference's state dict.
+pub fn state_dict(network: crate::Network) -> crate::Result<Vec<Entry>> {
+    Ok(shapes(network)?
+        .into_iter()
+        .map(|(name, shape)| {
+            let v = values(&name, &shape);
+            (name, shape, v)
+        })
+        .collect())
 }
 
 /// Writes `network`'s formula state dict as a `.safetensors` file (f32) at `path`.
@@ -148,6 +161,55 @@ pub fn write_safetensors(network: crate::Network, path: &std::path::Path) -> cra
     }
     candle_core::safetensors::save(&tensors, path)?;
     Ok(())
+}
+
+/// `config.json` of the SegFormer [`crate::Network::default_architecture`] (MiT-b0, the 150
+/// ADE20K classes), as the hub's `nvidia/segformer-b0-finetuned-ade-512-512` has it (the
+/// fields the loader reads).
+pub const SEGFORMER_B0_CONFIG: &str = r#"{
+  "model_type": "segformer",
+  "num_channels": 3,
+  "num_encoder_blocks": 4,
+  "depths": [2, 2, 2, 2],
+  "sr_ratios": [8, 4, 2, 1],
+  "hidden_sizes": [32, 64, 160, 256],
+  "patch_sizes": [7, 3, 3, 3],
+  "strides": [4, 2, 2, 2],
+  "num_attention_heads": [1, 2, 5, 8],
+  "mlp_ratios": [4, 4, 4, 4],
+  "hidden_act": "gelu",
+  "decoder_hidden_size": 256,
+  "reshape_last_stage": true,
+  "num_labels": 150
+}
+"#;
+
+/// Writes `network`'s formula weights (f32 `.safetensors`, [`crate::Network::default_architecture`])
+/// into `folder` where [`crate::Network::find_file`] finds them — the usual name with the
+/// `.safetensors` extension; `depth_anything_v2_vits.safetensors`; `segformer/model.safetensors`
+/// with its `config.json` — and returns that path.
+pub fn write_into_folder(
+    network: crate::Network,
+    folder: &std::path::Path,
+) -> crate::Result<std::path::PathBuf> {
+    let path = match network {
+        crate::Network::DepthAnythingV2 => folder.join("depth_anything_v2_vits.safetensors"),
+        crate::Network::Segformer => {
+            let dir = folder.join("segformer");
+            let io = |source| diffusion::Error::Io {
+                path: dir.clone(),
+                source,
+            };
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            std::fs::write(dir.join("config.json"), SEGFORMER_B0_CONFIG).map_err(io)?;
+            dir.join("model.safetensors")
+        }
+        _ => folder
+            .join(network.file_name())
+            .with_extension("safetensors"),
+    };
+    write_safetensors(network, &path)?;
+    Ok(path)
 }
 
 struct Recording {

@@ -1,5 +1,7 @@
 //! Neural annotators: the preprocessors that need a network (HED, PiDiNet, M-LSD, the line-art
-//! generators), in candle, on whatever `Device` and dtype they are loaded with.
+//! generators, MiDaS and Depth Anything V2 depth, NormalBAE normals, UniFormer and SegFormer
+//! segmentation), in candle, on whatever `Device` and dtype they are loaded with. Torch
+//! operations candle lacks are in [`tensor_ops`], the ADE20K palette in [`ade20k`].
 //!
 //! Each network lives in its own module in the candle-transformers style — a `new(vb)` that
 //! reads the reference's `state_dict` names through a `VarBuilder`, a `forward` — next to the
@@ -21,13 +23,18 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 pub mod ade20k;
+pub mod depth_anything_v2;
 pub mod formula;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod midas;
 pub mod mlsd;
+pub mod normal_bae;
 pub mod pidinet;
+pub mod segformer;
 pub mod tensor_ops;
+pub mod uniformer;
 
 pub type Result<T> = std::result::Result<T, diffusion::Error>;
 
@@ -39,7 +46,7 @@ pub trait Detector: Send + Sync {
 }
 
 /// Every preprocessor a network of this crate serves, by network.
-pub const PREPROCESSORS: [&str; 10] = [
+pub const PREPROCESSORS: [&str; 16] = [
     "softedge_hed",
     "softedge_hedsafe",
     "scribble_hed",
@@ -50,9 +57,16 @@ pub const PREPROCESSORS: [&str; 10] = [
     "lineart_realistic",
     "lineart_coarse",
     "lineart_anime",
+    "depth_midas",
+    "normal_midas",
+    "depth_anything_v2",
+    "normal_bae",
+    "seg_ufade20k",
+    "seg_segformer",
 ];
 
-/// The annotator networks, one per weight file.
+/// The annotator networks, one per weight file (per family for Depth Anything V2 and
+/// SegFormer, whose size comes from the file: see [`Architecture`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Network {
     Hed,
@@ -61,16 +75,42 @@ pub enum Network {
     LineartRealistic,
     LineartCoarse,
     LineartAnime,
+    Midas,
+    DepthAnythingV2,
+    NormalBae,
+    Uniformer,
+    Segformer,
 }
 
+/// The architecture a network is built with. Most networks have one; Depth Anything V2 has
+/// three sizes (told by the file name) and SegFormer six (told by the folder's `config.json`).
+#[derive(Debug, Clone)]
+pub enum Architecture {
+    Fixed,
+    DepthAnythingV2(depth_anything_v2::Config),
+    Segformer(segformer::Config),
+}
+
+/// Depth Anything V2 sizes in the order the folder is searched (A1111 uses ViT-L).
+const DEPTH_ANYTHING_V2_FILES: [&str; 3] = [
+    "depth_anything_v2_vitl.pth",
+    "depth_anything_v2_vitb.pth",
+    "depth_anything_v2_vits.pth",
+];
+
 impl Network {
-    pub const ALL: [Network; 6] = [
+    pub const ALL: [Network; 11] = [
         Network::Hed,
         Network::Pidinet,
         Network::Mlsd,
         Network::LineartRealistic,
         Network::LineartCoarse,
         Network::LineartAnime,
+        Network::Midas,
+        Network::DepthAnythingV2,
+        Network::NormalBae,
+        Network::Uniformer,
+        Network::Segformer,
     ];
 
     /// The network that serves A1111 module `preprocessor`, if a network of this crate does.
@@ -82,12 +122,19 @@ impl Network {
             "lineart_realistic" => Network::LineartRealistic,
             "lineart_coarse" => Network::LineartCoarse,
             "lineart_anime" => Network::LineartAnime,
+            "depth_midas" | "normal_midas" => Network::Midas,
+            "depth_anything_v2" => Network::DepthAnythingV2,
+            "normal_bae" => Network::NormalBae,
+            "seg_ufade20k" => Network::Uniformer,
+            "seg_segformer" => Network::Segformer,
             _ => return None,
         })
     }
 
-    /// The weight file's name in the `lllyasviel/Annotators` collection; a `.safetensors` file
-    /// with the same stem is accepted too (and preferred).
+    /// The weight file's usual name (mostly from the `lllyasviel/Annotators` collection); a
+    /// `.safetensors` file with the same stem is accepted too (and preferred). For Depth
+    /// Anything V2 the ViT-L file (ViT-B and ViT-S are accepted too); for SegFormer the weights
+    /// of a Hugging Face folder `segformer/` (see [`Network::find_file`]).
     pub fn file_name(self) -> &'static str {
         match self {
             Network::Hed => "ControlNetHED.pth",
@@ -96,6 +143,11 @@ impl Network {
             Network::LineartRealistic => "sk_model.pth",
             Network::LineartCoarse => "sk_model2.pth",
             Network::LineartAnime => "netG.pth",
+            Network::Midas => "dpt_hybrid-midas-501f0c75.pt",
+            Network::DepthAnythingV2 => DEPTH_ANYTHING_V2_FILES[0],
+            Network::NormalBae => "scannet.pt",
+            Network::Uniformer => "upernet_global_small.pth",
+            Network::Segformer => "segformer/model.safetensors",
         }
     }
 
@@ -108,25 +160,106 @@ impl Network {
             Network::LineartRealistic => "lineart_realistic",
             Network::LineartCoarse => "lineart_coarse",
             Network::LineartAnime => "lineart_anime",
+            Network::Midas => "midas",
+            Network::DepthAnythingV2 => "depth_anything_v2",
+            Network::NormalBae => "normal_bae",
+            Network::Uniformer => "uniformer",
+            Network::Segformer => "segformer",
         }
     }
 
     /// The file this network is read from in `folder`: `<stem>.safetensors` if present, else
-    /// the `.pth`. Errors name the network, both candidates and the folder.
+    /// the usual file. Depth Anything V2: the first of ViT-L, ViT-B, ViT-S present. SegFormer:
+    /// `segformer/model.safetensors`, else the first (by name) `segformer-*/model.safetensors`
+    /// (a downloaded `nvidia/segformer-b*-finetuned-ade-*` folder), with its `config.json`
+    /// beside it. Errors name the network, the candidates and the folder.
     pub fn find_file(self, folder: &Path) -> std::result::Result<std::path::PathBuf, String> {
-        let pth = folder.join(self.file_name());
-        let st = pth.with_extension("safetensors");
-        if st.is_file() {
-            Ok(st)
-        } else if pth.is_file() {
-            Ok(pth)
-        } else {
-            Err(format!(
-                "annotator weights {} (or {}) not found in {}",
-                self.file_name(),
-                st.file_name().unwrap().to_string_lossy(),
-                folder.display()
-            ))
+        let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+        let mut stem_pair = |name: &str| {
+            let pth = folder.join(name);
+            candidates.push(pth.with_extension("safetensors"));
+            candidates.push(pth);
+        };
+        match self {
+            Network::DepthAnythingV2 => DEPTH_ANYTHING_V2_FILES.iter().for_each(|f| stem_pair(f)),
+            Network::Segformer => {
+                candidates.push(folder.join(self.file_name()));
+                let mut dirs: Vec<_> = std::fs::read_dir(folder)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("segformer-"))
+                    })
+                    .collect();
+                dirs.sort();
+                candidates.extend(dirs.into_iter().map(|d| d.join("model.safetensors")));
+            }
+            _ => stem_pair(self.file_name()),
+        }
+        if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+            return Ok(found.clone());
+        }
+        let names: Vec<String> = candidates
+            .iter()
+            .map(|p| {
+                p.strip_prefix(folder)
+                    .unwrap_or(p)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        Err(format!(
+            "annotator weights for {} not found in {} (looked for {})",
+            self.name(),
+            folder.display(),
+            names.join(", ")
+        ))
+    }
+
+    /// The architecture of the weights in `path` (a file [`Network::find_file`] found).
+    pub fn architecture(self, path: &Path) -> Result<Architecture> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        Ok(match self {
+            Network::DepthAnythingV2 => Architecture::DepthAnythingV2(
+                depth_anything_v2::Config::from_file_name(name).ok_or_else(|| {
+                    diffusion::Error::Config(format!(
+                        "{}: not a Depth Anything V2 file name (depth_anything_v2_vit{{s,b,l}}.pth or .safetensors)",
+                        path.display()
+                    ))
+                })?,
+            ),
+            Network::Segformer => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let read = |file: &str| std::fs::read_to_string(dir.join(file));
+                let config = read("config.json").map_err(|e| {
+                    diffusion::Error::Config(format!(
+                        "SegFormer needs config.json beside {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let mut cfg = segformer::Config::from_hf_json(&config)?;
+                if let Ok(pre) = read("preprocessor_config.json") {
+                    cfg = cfg.with_preprocessor_json(&pre)?;
+                }
+                Architecture::Segformer(cfg)
+            }
+            _ => Architecture::Fixed,
+        })
+    }
+
+    /// The architecture [`Network::build`] uses: the only one, or the smallest real size
+    /// (Depth Anything V2 ViT-S, SegFormer-B0) — what tests write formula weights for.
+    pub fn default_architecture(self) -> Architecture {
+        match self {
+            Network::DepthAnythingV2 => {
+                Architecture::DepthAnythingV2(depth_anything_v2::Config::vits())
+            }
+            Network::Segformer => Architecture::Segformer(segformer::Config::b0()),
+            _ => Architecture::Fixed,
         }
     }
 
@@ -140,32 +273,64 @@ impl Network {
         }
     }
 
-    /// Builds the network from a `VarBuilder` whose names are the reference's `state_dict`
-    /// keys (prefixes and nesting already resolved by the loader).
+    /// Builds the network in its [`Network::default_architecture`] from a `VarBuilder` whose
+    /// names are the reference's `state_dict` keys (prefixes and nesting already resolved by
+    /// the loader).
     pub fn build(self, vb: VarBuilder) -> Result<Box<dyn Detector>> {
-        Ok(match self {
-            Network::Hed => Box::new(hed::Hed::new(vb)?),
-            Network::Pidinet => Box::new(pidinet::PiDiNet::new(vb)?),
-            Network::Mlsd => Box::new(mlsd::Mlsd::new(vb)?),
-            Network::LineartRealistic | Network::LineartCoarse => {
+        self.build_as(vb, &self.default_architecture())
+    }
+
+    /// Builds the network as `architecture` (which must be one of this network's).
+    pub fn build_as(
+        self,
+        vb: VarBuilder,
+        architecture: &Architecture,
+    ) -> Result<Box<dyn Detector>> {
+        let mismatch = || {
+            diffusion::Error::Config(format!(
+                "architecture {architecture:?} is not one of {}'s",
+                self.name()
+            ))
+        };
+        Ok(match (self, architecture) {
+            (Network::Hed, _) => Box::new(hed::Hed::new(vb)?),
+            (Network::Pidinet, _) => Box::new(pidinet::PiDiNet::new(vb)?),
+            (Network::Mlsd, _) => Box::new(mlsd::Mlsd::new(vb)?),
+            (Network::LineartRealistic | Network::LineartCoarse, _) => {
                 Box::new(lineart::Lineart::new(vb)?)
             }
-            Network::LineartAnime => Box::new(lineart_anime::LineartAnime::new(vb)?),
+            (Network::LineartAnime, _) => Box::new(lineart_anime::LineartAnime::new(vb)?),
+            (Network::Midas, _) => Box::new(midas::Midas::new(vb, &midas::Config::dpt_hybrid())?),
+            (Network::DepthAnythingV2, Architecture::DepthAnythingV2(cfg)) => {
+                Box::new(depth_anything_v2::DepthAnythingV2::new(vb, cfg)?)
+            }
+            (Network::NormalBae, _) => Box::new(normal_bae::NormalBae::new(
+                vb,
+                &normal_bae::Config::scannet(),
+            )?),
+            (Network::Uniformer, _) => {
+                Box::new(uniformer::Uniformer::new(vb, &uniformer::Config::small())?)
+            }
+            (Network::Segformer, Architecture::Segformer(cfg)) => {
+                Box::new(segformer::Segformer::new(vb, cfg)?)
+            }
+            (Network::DepthAnythingV2 | Network::Segformer, _) => return Err(mismatch()),
         })
     }
 }
 
 /// Loads `network` from weight file `path` (`.pth` in any torch format, or `.safetensors`) onto
-/// `device` as `dtype` (see [`Network::dtype`]). Also returns the bytes of weights it read onto
-/// the device.
+/// `device` as `dtype` (see [`Network::dtype`]), in the architecture the file tells
+/// ([`Network::architecture`]). Also returns the bytes of weights it read onto the device.
 pub fn load(
     network: Network,
     path: &Path,
     dtype: DType,
     device: &Device,
 ) -> Result<(Box<dyn Detector>, usize)> {
+    let architecture = network.architecture(path)?;
     let file = diffusion::weights::WeightFile::open(path)?;
     let (vb, bytes) = diffusion::weights::Counting::var_builder(file, network.dtype(dtype), device);
-    let detector = network.build(vb)?;
+    let detector = network.build_as(vb, &architecture)?;
     Ok((detector, bytes.load(std::sync::atomic::Ordering::Relaxed)))
 }

@@ -10,8 +10,56 @@
 //!   matmuls with small per-axis weight matrices built on the host (one small upload per call):
 //!   `y = Mh · x · Mwᵀ`. That costs `O(in·out)` per row instead of four taps, fine for what they
 //!   serve (position embeddings, pyramid pooling to 1–6 cells), not for resizing large maps;
-//! - padding is an `index_select` along each axis.
+//! - padding is an `index_select` along each axis;
+//! - [`attention`] is softmax attention with its score matrix bounded in size.
 use candle_core::{DType, Result, Tensor};
+
+/// Most attention scores [`attention`] materialises at once (64 Mi values, 256 MiB in f32).
+pub const ATTENTION_CHUNK_VALUES: usize = 64 << 20;
+
+/// Where the reference applies attention's scale; it changes the rounding, so each network
+/// says which its reference does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleAt {
+    /// `softmax((q · s) kᵀ)` (DINOv2).
+    Query,
+    /// `softmax((q kᵀ) · s)` (timm's ViT, UniFormer).
+    Scores,
+}
+
+/// `softmax(q kᵀ · scale) v` for `q`, `k`, `v` of shape `(b, heads, n, d)` (`k`, `v` may have
+/// another `n`); the softmax runs in f32 whatever the dtype. Query rows go in chunks so that at
+/// most [`ATTENTION_CHUNK_VALUES`] scores exist at once: an elongated photo can give a ViT
+/// ~10k tokens (7.7 GB of ViT-L scores in one piece). Rows are independent, and at the usual
+/// sizes one chunk holds them all.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, at: ScaleAt) -> Result<Tensor> {
+    let (b, heads, n, _) = q.dims4()?;
+    let n_keys = k.dim(2)?;
+    let q = match at {
+        ScaleAt::Query => (q * scale)?,
+        ScaleAt::Scores => q.clone(),
+    };
+    let k_t = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    let rows = (ATTENTION_CHUNK_VALUES / (b * heads * n_keys).max(1)).clamp(1, n.max(1));
+    let mut outs = Vec::with_capacity(n.div_ceil(rows));
+    for start in (0..n).step_by(rows) {
+        let q = q.narrow(2, start, rows.min(n - start))?.contiguous()?;
+        let mut scores = q.matmul(&k_t)?;
+        if at == ScaleAt::Scores {
+            scores = (scores * scale)?;
+        }
+        let dtype = scores.dtype();
+        let weights =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        outs.push(weights.matmul(&v)?);
+    }
+    if outs.len() == 1 {
+        Ok(outs.pop().expect("one chunk"))
+    } else {
+        Tensor::cat(&outs, 2)
+    }
+}
 
 /// `F.interpolate(x, size=(h, w), mode="bilinear", align_corners=…)`.
 pub fn interpolate_bilinear(
@@ -209,6 +257,40 @@ fn adaptive_avg_matrix(n_in: usize, n_out: usize) -> Vec<f64> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn chunked_attention_equals_whole() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (1, 2, 37, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, 2, 41, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, 2, 41, 8), &dev).unwrap();
+        for at in [ScaleAt::Query, ScaleAt::Scores] {
+            let whole = attention(&q, &k, &v, 0.3, at).unwrap();
+            let s = (q.matmul(&k.t().unwrap()).unwrap() * 0.3).unwrap();
+            let direct = candle_nn::ops::softmax_last_dim(&s)
+                .unwrap()
+                .matmul(&v)
+                .unwrap();
+            let d = (whole - direct).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+        // A long sequence goes in several chunks and gives the rows a single chunk gives.
+        let n = ATTENTION_CHUNK_VALUES / 1024 + 100;
+        let q = Tensor::randn(0f32, 1., (1, 1, n, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, 1, 1024, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, 1, 1024, 4), &dev).unwrap();
+        let chunked = attention(&q, &k, &v, 0.5, ScaleAt::Scores).unwrap();
+        assert_eq!(chunked.dims(), &[1, 1, n, 4]);
+        let tail = q.narrow(2, n - 100, 100).unwrap();
+        let alone = attention(&tail, &k, &v, 0.5, ScaleAt::Scores).unwrap();
+        let d = (chunked.narrow(2, n - 100, 100).unwrap() - alone)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
 
     #[test]
     fn bicubic_rows_sum_to_one() {
