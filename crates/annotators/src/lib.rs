@@ -107,6 +107,9 @@ pub struct Preprocessor {
     pub weights: &'static [&'static str],
     /// The implementation of a weight-free preprocessor (`Some` exactly when `model_free`).
     pub free_run: Option<FreeRun>,
+    /// `Some(why, and what to use instead)` for a listed preprocessor this server deliberately
+    /// does not run (A1111 lists it; we do not ship its network).
+    pub unsupported: Option<&'static str>,
 }
 
 impl Preprocessor {
@@ -152,6 +155,12 @@ pub enum AnnotatorError {
     /// A listed preprocessor whose network this build does not implement yet.
     #[error("preprocessor {0:?} is not implemented yet; send an already preprocessed hint (preprocessor none)")]
     NotImplemented(String),
+    /// A listed preprocessor this server deliberately does not run ([`Preprocessor::unsupported`]).
+    #[error("preprocessor {preprocessor:?} is not supported by this server: {reason}; or send an already preprocessed hint (preprocessor none)")]
+    Unsupported {
+        preprocessor: String,
+        reason: String,
+    },
     #[error("empty image ({width}x{height})")]
     EmptyImage { width: u32, height: u32 },
     #[error("image too large ({width}x{height}): {reason}")]
@@ -205,6 +214,7 @@ const fn free(
         params,
         weights: &[],
         free_run: Some(run),
+        unsupported: None,
     }
 }
 
@@ -224,6 +234,15 @@ const fn net(
         params,
         weights,
         free_run: None,
+        unsupported: None,
+    }
+}
+
+/// A listed network preprocessor this server does not run, with why and what to use instead.
+const fn unsupported(pre: Preprocessor, reason: &'static str) -> Preprocessor {
+    Preprocessor {
+        unsupported: Some(reason),
+        ..pre
     }
 }
 
@@ -241,6 +260,10 @@ const LERES: &[ParamSpec] = &[
         0.1,
     ),
 ];
+
+const LERES_WHY: &str = "LeReS is not shipped; use depth_anything_v2 or depth_midas";
+const ONEFORMER_WHY: &str =
+    "OneFormer is not shipped; use seg_ufade20k or seg_segformer (same ADE20K palette)";
 
 static PREPROCESSORS: &[Preprocessor] = &[
     free("none", &["None"], None, &[], |img, _, _| img.clone()),
@@ -340,21 +363,40 @@ static PREPROCESSORS: &[Preprocessor] = &[
         &[],
         &["dpt_hybrid-midas-501f0c75.pt"],
     ),
-    net("depth_leres", &[], RES, LERES, &["res101.pth"]),
     net(
-        "depth_leres++",
+        "depth_anything_v2",
         &[],
         RES,
-        LERES,
-        &["res101.pth", "latest_net_G.pth"],
+        &[],
+        &["depth_anything_v2_vitl.pth"],
     ),
-    net("depth_zoe", &[], RES, &[], &["ZoeD_M12_N.pt"]),
-    net(
-        "depth_anything",
-        &[],
-        RES,
-        &[],
-        &["depth_anything_vitl14.pth"],
+    unsupported(
+        net("depth_leres", &[], RES, LERES, &["res101.pth"]),
+        LERES_WHY,
+    ),
+    unsupported(
+        net(
+            "depth_leres++",
+            &[],
+            RES,
+            LERES,
+            &["res101.pth", "latest_net_G.pth"],
+        ),
+        LERES_WHY,
+    ),
+    unsupported(
+        net("depth_zoe", &[], RES, &[], &["ZoeD_M12_N.pt"]),
+        "ZoeDepth is not shipped; use depth_anything_v2 or depth_midas",
+    ),
+    unsupported(
+        net(
+            "depth_anything",
+            &[],
+            RES,
+            &[],
+            &["depth_anything_vitl14.pth"],
+        ),
+        "Depth Anything v1 is not shipped; use depth_anything_v2 (its successor)",
     ),
     net("normal_bae", &[], RES, &[], &["scannet.pt"]),
     net(
@@ -381,19 +423,25 @@ static PREPROCESSORS: &[Preprocessor] = &[
     net("lineart_coarse", &[], RES, &[], &["sk_model2.pth"]),
     net("lineart_anime", &[], RES, &[], &["netG.pth"]),
     net("lineart_anime_denoise", &[], RES, &[], &["erika.pth"]),
-    net(
-        "seg_ofade20k",
-        &["oneformer_ade20k"],
-        RES,
-        &[],
-        &["250_16_swin_l_oneformer_ade20k_160k.pth"],
+    unsupported(
+        net(
+            "seg_ofade20k",
+            &["oneformer_ade20k"],
+            RES,
+            &[],
+            &["250_16_swin_l_oneformer_ade20k_160k.pth"],
+        ),
+        ONEFORMER_WHY,
     ),
-    net(
-        "seg_ofcoco",
-        &["oneformer_coco"],
-        RES,
-        &[],
-        &["150_16_swin_l_oneformer_coco_100ep.pth"],
+    unsupported(
+        net(
+            "seg_ofcoco",
+            &["oneformer_coco"],
+            RES,
+            &[],
+            &["150_16_swin_l_oneformer_coco_100ep.pth"],
+        ),
+        ONEFORMER_WHY,
     ),
     net(
         "seg_ufade20k",
@@ -401,6 +449,13 @@ static PREPROCESSORS: &[Preprocessor] = &[
         RES,
         &[],
         &["upernet_global_small.pth"],
+    ),
+    net(
+        "seg_segformer",
+        &[],
+        RES,
+        &[],
+        &["segformer/model.safetensors", "segformer/config.json"],
     ),
 ];
 

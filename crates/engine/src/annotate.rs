@@ -46,6 +46,8 @@ pub enum Availability {
     MissingWeights(Vec<String>),
     /// Listed, but its network is not implemented in this build.
     NotImplemented,
+    /// Listed, deliberately not run by this server: why, and what to use instead.
+    Unsupported(&'static str),
 }
 
 impl Availability {
@@ -112,6 +114,9 @@ impl AnnotatorPool {
     pub fn availability(&self, pre: &Preprocessor) -> Availability {
         if pre.model_free {
             return Availability::Ready;
+        }
+        if let Some(reason) = pre.unsupported {
+            return Availability::Unsupported(reason);
         }
         let Some(network) = Network::for_preprocessor(pre.name) else {
             return Availability::NotImplemented;

@@ -483,6 +483,14 @@ impl Engine {
                 .record(started.elapsed().as_secs_f64());
             return Ok(hint);
         }
+        if let Some(reason) = pre.unsupported {
+            return Err(EngineError::Annotator(
+                annotators::AnnotatorError::Unsupported {
+                    preprocessor: pre.name.to_string(),
+                    reason: reason.to_string(),
+                },
+            ));
+        }
         let network = neural_annotators::Network::for_preprocessor(pre.name).ok_or_else(|| {
             EngineError::Annotator(annotators::AnnotatorError::NotImplemented(
                 pre.name.to_string(),

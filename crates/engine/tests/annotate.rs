@@ -123,9 +123,18 @@ fn missing_weights_name_the_preprocessor_the_file_and_the_folder() {
         Availability::Ready
     );
     assert_eq!(
-        pool.availability(annotators::find("depth_midas").unwrap()),
+        pool.availability(annotators::find("openpose").unwrap()),
         Availability::NotImplemented
     );
+    // Deliberately unsupported ones say why and what to use instead, before any loading.
+    let leres = annotators::find("depth_leres").unwrap();
+    assert!(matches!(pool.availability(leres), Availability::Unsupported(_)));
+    let err = engine
+        .annotate("depth_leres", &photo(64, 64), None, &params(), 0)
+        .unwrap_err();
+    for part in ["depth_leres", "not supported", "depth_anything_v2"] {
+        assert!(err.to_string().contains(part), "{err} lacks {part}");
+    }
     let err = engine
         .annotate("mlsd", &photo(64, 64), None, &params(), 0)
         .unwrap_err();

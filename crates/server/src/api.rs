@@ -362,7 +362,7 @@ pub fn run_preprocessor(
                 A::BadParam { name: p, .. } => {
                     ApiError::invalid(at(&format!("params.{p}")), e.to_string())
                 }
-                A::UnknownPreprocessor(_) | A::NotImplemented(_) => {
+                A::UnknownPreprocessor(_) | A::NotImplemented(_) | A::Unsupported { .. } => {
                     ApiError::invalid(at("preprocessor"), e.to_string())
                 }
                 A::NeedsWeights(_) | A::MissingWeights { .. } => ApiError::invalid(
@@ -632,8 +632,12 @@ pub struct PreprocessorInfo {
     pub weights: Vec<String>,
     /// The files it needs that are not in the annotator folder (`[annotators] root`).
     pub missing_weights: Vec<String>,
-    /// Listed but not implemented in this build (send a preprocessed hint instead).
+    /// Listed but not run by this server (send a preprocessed hint instead): not implemented
+    /// in this build, or deliberately not supported (then `unsupported` says why).
     pub not_implemented: bool,
+    /// Why this server does not run it, and what to use instead (for the ones it never will).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsupported: Option<String>,
     pub default_resolution: u32,
     pub params: Vec<ParamInfo>,
 }
@@ -648,7 +652,14 @@ pub fn preprocessor_list(pool: &engine::AnnotatorPool) -> Vec<PreprocessorInfo> 
             available: availability == engine::Availability::Ready,
             weights: p.weights.iter().map(|w| w.to_string()).collect(),
             missing_weights: availability.missing_weights(),
-            not_implemented: availability == engine::Availability::NotImplemented,
+            not_implemented: matches!(
+                availability,
+                engine::Availability::NotImplemented | engine::Availability::Unsupported(_)
+            ),
+            unsupported: match availability {
+                engine::Availability::Unsupported(why) => Some(why.to_string()),
+                _ => None,
+            },
             default_resolution: p.default_resolution(),
             params: p
                 .params
