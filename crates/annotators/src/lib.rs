@@ -51,6 +51,7 @@ use std::collections::BTreeMap;
 
 use image::RgbImage;
 
+pub mod draw_cv;
 pub mod lines;
 pub mod ops;
 pub mod post;
@@ -248,7 +249,11 @@ const fn unsupported(pre: Preprocessor, reason: &'static str) -> Preprocessor {
 
 const HED: &[&str] = &["ControlNetHED.pth"];
 const PIDI: &[&str] = &["table5_pidinet.pth"];
-const POSE: &[&str] = &["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"];
+// The body network finds the people (and the hand and face boxes); the others refine them.
+const POSE: &[&str] = &["body_pose_model.pth"];
+const POSE_HAND: &[&str] = &["body_pose_model.pth", "hand_pose_model.pth"];
+const POSE_FACE: &[&str] = &["body_pose_model.pth", "facenet.pth"];
+const POSE_FULL: &[&str] = &["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"];
 const LERES: &[ParamSpec] = &[
     p("remove_near", "Remove Near %", 0.0, 100.0, 0.0, 0.1),
     p(
@@ -352,10 +357,10 @@ static PREPROCESSORS: &[Preprocessor] = &[
     net("scribble_hed", &[], RES, &[], HED),
     net("scribble_pidinet", &["pidinet_scribble"], RES, &[], PIDI),
     net("openpose", &[], RES, &[], POSE),
-    net("openpose_hand", &[], RES, &[], POSE),
-    net("openpose_face", &[], RES, &[], POSE),
-    net("openpose_faceonly", &[], RES, &[], POSE),
-    net("openpose_full", &[], RES, &[], POSE),
+    net("openpose_hand", &[], RES, &[], POSE_HAND),
+    net("openpose_face", &[], RES, &[], POSE_FACE),
+    net("openpose_faceonly", &[], RES, &[], POSE_FACE),
+    net("openpose_full", &[], RES, &[], POSE_FULL),
     net(
         "depth_midas",
         &["depth"],

@@ -31,6 +31,7 @@ pub mod lineart_anime;
 pub mod midas;
 pub mod mlsd;
 pub mod normal_bae;
+pub mod openpose;
 pub mod pidinet;
 pub mod segformer;
 pub mod tensor_ops;
@@ -38,11 +39,32 @@ pub mod uniformer;
 
 pub type Result<T> = std::result::Result<T, diffusion::Error>;
 
+/// A hint, and for detectors that find keypoints (OpenPose) the keypoints in the OpenPose JSON
+/// layout A1111's pose editors read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    pub hint: RgbImage,
+    pub keypoints: Option<serde_json::Value>,
+}
+
 /// A loaded annotator network with its pre- and post-processing.
 pub trait Detector: Send + Sync {
     /// Runs preprocessor `preprocessor` (an A1111 module name this network serves) on `image`
     /// (at its detect size) with validated `params`; returns the hint at the same size.
     fn detect(&self, preprocessor: &str, image: &RgbImage, params: &[f64]) -> Result<RgbImage>;
+
+    /// [`Detector::detect`], with the keypoints for detectors that find any.
+    fn detect_keypoints(
+        &self,
+        preprocessor: &str,
+        image: &RgbImage,
+        params: &[f64],
+    ) -> Result<Detection> {
+        Ok(Detection {
+            hint: self.detect(preprocessor, image, params)?,
+            keypoints: None,
+        })
+    }
 }
 
 /// Every preprocessor a network of this crate serves, by network.
