@@ -56,6 +56,7 @@ pub mod lines;
 pub mod ops;
 pub mod post;
 pub mod preprocess;
+pub mod scipy;
 
 /// Smallest accepted detect resolution (A1111's slider minimum).
 pub const MIN_RESOLUTION: u32 = 64;

@@ -315,7 +315,10 @@ fn linear_fixed(img: &RgbImage, w: u32, h: u32, area_mode: bool) -> RgbImage {
     out
 }
 
-/// OpenCV's `interpolateLanczos4`: the 8 weights for taps `sx-3 ..= sx+4` at fraction `x`.
+/// OpenCV 4.14's `interpolateLanczos4`: the 8 weights for taps `sx-3 ..= sx+4` at fraction
+/// `x`. `x + 3` and `x + 3 - i` are evaluated in `float`, the sines in `double`; a tap whose
+/// distance `|x + 3 - i|` is below `1e-6` gets the weight `1e30` before the weights are
+/// normalised (`× 1/sum`, in `float`), so `x ≈ 0` and `x ≈ 1` select one tap.
 fn lanczos4_coeffs(x: f32) -> [f32; 8] {
     const S45: f64 = std::f64::consts::FRAC_1_SQRT_2;
     const CS: [[f64; 2]; 8] = [
@@ -329,17 +332,17 @@ fn lanczos4_coeffs(x: f32) -> [f32; 8] {
         [-S45, S45],
     ];
     let mut c = [0f32; 8];
-    if x < f32::EPSILON {
-        c[3] = 1.0;
-        return c;
-    }
-    let x = x as f64;
-    let y0 = -(x + 3.0) * std::f64::consts::PI * 0.25;
-    let (s0, c0) = (y0.sin(), y0.cos());
     let mut sum = 0f32;
+    let y0 = -((x + 3.0) as f64) * std::f64::consts::PI * 0.25;
+    let (s0, c0) = (y0.sin(), y0.cos());
     for i in 0..8 {
-        let y = -(x + 3.0 - i as f64) * std::f64::consts::PI * 0.25;
-        c[i] = ((CS[i][0] * s0 + CS[i][1] * c0) / (y * y)) as f32;
+        let y0_ = x + 3.0 - i as f32;
+        c[i] = if y0_.abs() >= 1e-6 {
+            let y = -(y0_ as f64) * std::f64::consts::PI * 0.25;
+            ((CS[i][0] * s0 + CS[i][1] * c0) / (y * y)) as f32
+        } else {
+            1e30
+        };
         sum += c[i];
     }
     let inv = 1.0f32 / sum;
@@ -349,20 +352,26 @@ fn lanczos4_coeffs(x: f32) -> [f32; 8] {
     c
 }
 
-/// Per destination index along one axis: first tap (may be negative) and 11-bit weights.
-fn lanczos4_axis(ssize: usize, dsize: usize) -> Vec<(i64, [i32; 8])> {
+/// Per destination index along one axis: the first of the 8 taps (may be negative) and the
+/// `float` weights, as OpenCV's `resize` sets them up for `INTER_LANCZOS4`
+/// (`fx = float((d + 0.5) * scale - 0.5)`, `sx = floor(fx)`, weights at `fx - sx`).
+fn lanczos4_axis(ssize: usize, dsize: usize) -> Vec<(i64, [f32; 8])> {
     let scale = 1.0 / (dsize as f64 / ssize as f64);
     (0..dsize)
         .map(|d| {
             let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
-            let s = f.floor() as i64;
-            let c = lanczos4_coeffs(f - s as f32);
-            let mut ic = [0i32; 8];
-            for k in 0..8 {
-                ic[k] = sat_i16_f32(c[k] * COEF_SCALE);
-            }
-            (s - 3, ic)
+            let s = f.floor();
+            (s as i64 - 3, lanczos4_coeffs(f - s))
         })
+        .collect()
+}
+
+/// [`lanczos4_axis`] with the weights in 11-bit fixed point (`saturate_cast<short>(w * 2048)`),
+/// as OpenCV uses them for 8-bit images.
+fn lanczos4_axis_fixed(ssize: usize, dsize: usize) -> Vec<(i64, [i32; 8])> {
+    lanczos4_axis(ssize, dsize)
+        .into_iter()
+        .map(|(s, c)| (s, c.map(|v| sat_i16_f32(v * COEF_SCALE))))
         .collect()
 }
 
@@ -371,8 +380,8 @@ fn lanczos4_axis(ssize: usize, dsize: usize) -> Vec<(i64, [i32; 8])> {
 pub fn resize_lanczos4(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     let (sw, sh) = (img.width() as usize, img.height() as usize);
     let (w, h) = (w as usize, h as usize);
-    let xs = lanczos4_axis(sw, w);
-    let ys = lanczos4_axis(sh, h);
+    let xs = lanczos4_axis_fixed(sw, w);
+    let ys = lanczos4_axis_fixed(sh, h);
     let src = img.as_raw();
     let clamp = |i: i64, n: usize| i.clamp(0, n as i64 - 1) as usize;
     // Horizontal pass over every source row (each is needed by several output rows).
@@ -400,6 +409,152 @@ pub fn resize_lanczos4(img: &RgbImage, w: u32, h: u32) -> RgbImage {
                 acc += rows[clamp(s + k as i64, sh) * w * 3 + i] as i64 * c[k] as i64;
             }
             *d = ((acc + (1 << (shift - 1))) >> shift).clamp(0, 255) as u8;
+        }
+    }
+    out
+}
+
+/// `cv2.resize(src, (w, h), interpolation=cv2.INTER_LANCZOS4)` for a one-channel `float32`
+/// array (`sw`×`sh`, row-major), bit-exact to OpenCV 4.14 on x86-64 (SSE lanes, no FMA). OpenCV
+/// there: `interpolateLanczos4` weights in `float`, edge pixels replicated; the horizontal pass
+/// sums the 8 taps in order; the vertical pass (`VResizeLanczos4Vec_32f`, nested `v_muladd`)
+/// sums whole 4-float vectors from tap 7 down to tap 0 (`a * b + acc`) and the last `w % 4`
+/// columns, which it does in scalar code, from tap 0 up. A same-size resize is a copy, as in
+/// `cv::resize`. Measured by `neural-annotators`' OpenPose tests against `cv2.resize`.
+pub fn resize_lanczos4_f32(src: &[f32], sw: usize, sh: usize, w: usize, h: usize) -> Vec<f32> {
+    assert_eq!(src.len(), sw * sh);
+    if (sw, sh) == (w, h) {
+        return src.to_vec();
+    }
+    let xs = lanczos4_axis(sw, w);
+    let ys = lanczos4_axis(sh, h);
+    let clamp = |i: i64, n: usize| i.clamp(0, n as i64 - 1) as usize;
+    let mut rows = vec![0f32; sh * w];
+    for sy in 0..sh {
+        let row = &src[sy * sw..(sy + 1) * sw];
+        let out = &mut rows[sy * w..(sy + 1) * w];
+        for (o, (s, c)) in out.iter_mut().zip(&xs) {
+            let mut acc = row[clamp(*s, sw)] * c[0];
+            for k in 1..8 {
+                acc += row[clamp(s + k as i64, sw)] * c[k];
+            }
+            *o = acc;
+        }
+    }
+    let simd_end = w / 4 * 4;
+    let mut out = vec![0f32; w * h];
+    for (y, (s, c)) in ys.iter().enumerate() {
+        let r: [&[f32]; 8] = std::array::from_fn(|k| &rows[clamp(s + k as i64, sh) * w..][..w]);
+        let dst = &mut out[y * w..(y + 1) * w];
+        for (x, d) in dst.iter_mut().enumerate() {
+            *d = if x < simd_end {
+                let mut acc = r[7][x] * c[7];
+                for k in (0..7).rev() {
+                    acc += r[k][x] * c[k]; // = r[k][x] * c[k] + acc (addition commutes)
+                }
+                acc
+            } else {
+                let mut acc = r[0][x] * c[0];
+                for k in 1..8 {
+                    acc += r[k][x] * c[k];
+                }
+                acc
+            };
+        }
+    }
+    out
+}
+
+/// `cv2.resize(src, (w, h), interpolation=cv2.INTER_AREA)` for a one-channel `float32` array
+/// (`sw`×`sh`, row-major) that shrinks or keeps both sides, bit-exact to OpenCV 4.14 on x86-64.
+/// OpenCV there: when both factors `1 / (dst / src)` are integers (within `DBL_EPSILON`),
+/// `resizeAreaFast_`: each block summed in row-major order four values at a time
+/// (`sum += a + b + c + d`, then the rest one by one) and multiplied by `float(1 / area)`, except
+/// that for 2×2 blocks its SIMD code (`ResizeAreaFastVec_SIMD_32f`) computes whole 4-float
+/// vectors as `((a + b) + (c + d)) * 0.25` (the last `w % 4` columns take the scalar sum);
+/// otherwise `resizeArea_`: `computeResizeAreaTab`'s box-overlap weights (`float`), each source
+/// row's weighted sum accumulated into the destination row as `sum += beta * row`. A same-size
+/// resize is a copy. Enlarging (OpenCV's bilinear fallback) is not implemented and panics.
+/// Measured by `neural-annotators`' OpenPose tests against `cv2.resize`.
+pub fn resize_area_f32(src: &[f32], sw: usize, sh: usize, w: usize, h: usize) -> Vec<f32> {
+    assert_eq!(src.len(), sw * sh);
+    assert!(
+        w <= sw && h <= sh && w > 0 && h > 0,
+        "resize_area_f32 only shrinks"
+    );
+    if (sw, sh) == (w, h) {
+        return src.to_vec();
+    }
+    let scale_x = 1.0 / (w as f64 / sw as f64);
+    let scale_y = 1.0 / (h as f64 / sh as f64);
+    let (ix, iy) = (scale_x.round(), scale_y.round());
+    if (scale_x - ix).abs() < f64::EPSILON && (scale_y - iy).abs() < f64::EPSILON {
+        return area_fast_f32(src, sw, w, h, ix as usize, iy as usize);
+    }
+    let xtab = area_tab(sw, w, scale_x);
+    let ytab = area_tab(sh, h, scale_y);
+    let mut out = vec![0f32; w * h];
+    let mut buf = vec![0f32; w];
+    let mut sum = vec![0f32; w];
+    let mut cur: Option<usize> = None;
+    for t in &ytab {
+        buf.iter_mut().for_each(|v| *v = 0.0);
+        let row = &src[t.s * sw..(t.s + 1) * sw];
+        for xt in &xtab {
+            buf[xt.d] += row[xt.s] * xt.alpha;
+        }
+        match cur {
+            Some(dy) if dy == t.d => {
+                for (s, b) in sum.iter_mut().zip(&buf) {
+                    *s += t.alpha * *b;
+                }
+            }
+            _ => {
+                if let Some(dy) = cur {
+                    out[dy * w..(dy + 1) * w].copy_from_slice(&sum);
+                }
+                for (s, b) in sum.iter_mut().zip(&buf) {
+                    *s = t.alpha * *b;
+                }
+                cur = Some(t.d);
+            }
+        }
+    }
+    if let Some(dy) = cur {
+        out[dy * w..(dy + 1) * w].copy_from_slice(&sum);
+    }
+    out
+}
+
+/// The integer-factor case of [`resize_area_f32`]: `ix`×`iy` blocks of a `sw`-wide array.
+fn area_fast_f32(src: &[f32], sw: usize, w: usize, h: usize, ix: usize, iy: usize) -> Vec<f32> {
+    let area = ix * iy;
+    let inv = 1.0f32 / area as f32;
+    let simd_end = if (ix, iy) == (2, 2) { w / 4 * 4 } else { 0 };
+    let mut out = vec![0f32; w * h];
+    let mut vals = Vec::with_capacity(area);
+    for y in 0..h {
+        for x in 0..w {
+            vals.clear();
+            for dy in 0..iy {
+                let row = &src[(y * iy + dy) * sw..];
+                vals.extend_from_slice(&row[x * ix..x * ix + ix]);
+            }
+            out[y * w + x] = if x < simd_end {
+                ((vals[0] + vals[1]) + (vals[2] + vals[3])) * 0.25
+            } else {
+                let mut s = 0f32;
+                let mut k = 0;
+                while k + 4 <= area {
+                    s += vals[k] + vals[k + 1] + vals[k + 2] + vals[k + 3];
+                    k += 4;
+                }
+                while k < area {
+                    s += vals[k];
+                    k += 1;
+                }
+                s * inv
+            };
         }
     }
     out

@@ -125,10 +125,17 @@ impl SimpleBackend for FormulaWeights {
 /// it reads them, each once: the network is built once on formula weights, recording what it
 /// asks for. These are the reference's state-dict keys.
 pub fn shapes(network: crate::Network) -> crate::Result<Vec<(String, Vec<usize>)>> {
+    shapes_of(|vb| network.build(vb).map(drop))
+}
+
+/// The tensors `build` reads (name, shape), in order, each once.
+pub fn shapes_of(
+    build: impl FnOnce(VarBuilder<'static>) -> crate::Result<()>,
+) -> crate::Result<Vec<(String, Vec<usize>)>> {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let backend = Recording { seen: seen.clone() };
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
-    network.build(vb)?;
+    build(vb)?;
     let names: Vec<(String, Vec<usize>)> = seen.lock().expect("not poisoned").clone();
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     for (name, shape) in names {
@@ -155,12 +162,29 @@ pub fn state_dict(network: crate::Network) -> crate::Result<Vec<Entry>> {
 
 /// Writes `network`'s formula state dict as a `.safetensors` file (f32) at `path`.
 pub fn write_safetensors(network: crate::Network, path: &std::path::Path) -> crate::Result<()> {
+    save_shapes(shapes(network)?, path)
+}
+
+/// Writes the formula values of tensors `shapes` as a `.safetensors` file (f32) at `path`.
+pub fn save_shapes(shapes: Vec<(String, Vec<usize>)>, path: &std::path::Path) -> crate::Result<()> {
     let mut tensors = std::collections::HashMap::new();
-    for (name, shape, v) in state_dict(network)? {
+    for (name, shape) in shapes {
+        let v = values(&name, &shape);
         tensors.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
     }
     candle_core::safetensors::save(&tensors, path)?;
     Ok(())
+}
+
+/// OpenPose's three state dicts (body, hand, face), each as its own file holds it: the three
+/// networks share key names (`conv1_1.weight`, …), so they cannot be one state dict.
+pub fn openpose_shapes() -> crate::Result<[Vec<(String, Vec<usize>)>; 3]> {
+    use crate::openpose::{body::BodyNet, face::FaceNet, hand::HandNet};
+    Ok([
+        shapes_of(|vb| BodyNet::new(vb).map(drop))?,
+        shapes_of(|vb| HandNet::new(vb).map(drop))?,
+        shapes_of(|vb| FaceNet::new(vb).map(drop))?,
+    ])
 }
 
 /// `config.json` of the SegFormer [`crate::Network::default_architecture`] (MiT-b0, the 150
@@ -187,7 +211,7 @@ pub const SEGFORMER_B0_CONFIG: &str = r#"{
 /// Writes `network`'s formula weights (f32 `.safetensors`, [`crate::Network::default_architecture`])
 /// into `folder` where [`crate::Network::find_file`] finds them — the usual name with the
 /// `.safetensors` extension; `depth_anything_v2_vits.safetensors`; `segformer/model.safetensors`
-/// with its `config.json` — and returns that path.
+/// with its `config.json`; OpenPose's three files — and returns the path it is loaded from.
 pub fn write_into_folder(
     network: crate::Network,
     folder: &std::path::Path,
@@ -203,6 +227,15 @@ pub fn write_into_folder(
             std::fs::create_dir_all(&dir).map_err(io)?;
             std::fs::write(dir.join("config.json"), SEGFORMER_B0_CONFIG).map_err(io)?;
             dir.join("model.safetensors")
+        }
+        crate::Network::Openpose => {
+            let [body, hand, face] = openpose_shapes()?;
+            for (shapes, name) in [(hand, "hand_pose_model"), (face, "facenet")] {
+                save_shapes(shapes, &folder.join(name).with_extension("safetensors"))?;
+            }
+            let path = folder.join("body_pose_model.safetensors");
+            save_shapes(body, &path)?;
+            return Ok(path);
         }
         _ => folder
             .join(network.file_name())

@@ -53,6 +53,13 @@ pub trait Detector: Send + Sync {
     /// (at its detect size) with validated `params`; returns the hint at the same size.
     fn detect(&self, preprocessor: &str, image: &RgbImage, params: &[f64]) -> Result<RgbImage>;
 
+    /// Whether this loaded detector can run `preprocessor` (one it is meant for). Only OpenPose
+    /// can say no: its hand and face networks load only when their files are present, and a
+    /// module that needs one that was missing then needs a reload.
+    fn serves(&self, _preprocessor: &str) -> bool {
+        true
+    }
+
     /// [`Detector::detect`], with the keypoints for detectors that find any.
     fn detect_keypoints(
         &self,
@@ -68,7 +75,7 @@ pub trait Detector: Send + Sync {
 }
 
 /// Every preprocessor a network of this crate serves, by network.
-pub const PREPROCESSORS: [&str; 16] = [
+pub const PREPROCESSORS: [&str; 21] = [
     "softedge_hed",
     "softedge_hedsafe",
     "scribble_hed",
@@ -85,6 +92,11 @@ pub const PREPROCESSORS: [&str; 16] = [
     "normal_bae",
     "seg_ufade20k",
     "seg_segformer",
+    "openpose",
+    "openpose_hand",
+    "openpose_face",
+    "openpose_faceonly",
+    "openpose_full",
 ];
 
 /// The annotator networks, one per weight file (per family for Depth Anything V2 and
@@ -102,6 +114,9 @@ pub enum Network {
     NormalBae,
     Uniformer,
     Segformer,
+    /// The body network's file; the hand and face files beside it are loaded too when present
+    /// (see [`Network::missing_files`]).
+    Openpose,
 }
 
 /// The architecture a network is built with. Most networks have one; Depth Anything V2 has
@@ -113,6 +128,18 @@ pub enum Architecture {
     Segformer(segformer::Config),
 }
 
+/// OpenPose's three files (lllyasviel/Annotators; legacy torch pickles).
+const OPENPOSE_BODY: &str = "body_pose_model.pth";
+const OPENPOSE_HAND: &str = "hand_pose_model.pth";
+const OPENPOSE_FACE: &str = "facenet.pth";
+
+/// `<stem>.safetensors` if present, else `name`, in `folder`.
+fn find_named(folder: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let path = folder.join(name);
+    let st = path.with_extension("safetensors");
+    [st, path].into_iter().find(|p| p.is_file())
+}
+
 /// Depth Anything V2 sizes in the order the folder is searched (A1111 uses ViT-L).
 const DEPTH_ANYTHING_V2_FILES: [&str; 3] = [
     "depth_anything_v2_vitl.pth",
@@ -121,7 +148,7 @@ const DEPTH_ANYTHING_V2_FILES: [&str; 3] = [
 ];
 
 impl Network {
-    pub const ALL: [Network; 11] = [
+    pub const ALL: [Network; 12] = [
         Network::Hed,
         Network::Pidinet,
         Network::Mlsd,
@@ -133,6 +160,7 @@ impl Network {
         Network::NormalBae,
         Network::Uniformer,
         Network::Segformer,
+        Network::Openpose,
     ];
 
     /// The network that serves A1111 module `preprocessor`, if a network of this crate does.
@@ -149,6 +177,8 @@ impl Network {
             "normal_bae" => Network::NormalBae,
             "seg_ufade20k" => Network::Uniformer,
             "seg_segformer" => Network::Segformer,
+            "openpose" | "openpose_hand" | "openpose_face" | "openpose_faceonly"
+            | "openpose_full" => Network::Openpose,
             _ => return None,
         })
     }
@@ -170,6 +200,7 @@ impl Network {
             Network::NormalBae => "scannet.pt",
             Network::Uniformer => "upernet_global_small.pth",
             Network::Segformer => "segformer/model.safetensors",
+            Network::Openpose => OPENPOSE_BODY,
         }
     }
 
@@ -187,6 +218,7 @@ impl Network {
             Network::NormalBae => "normal_bae",
             Network::Uniformer => "uniformer",
             Network::Segformer => "segformer",
+            Network::Openpose => "openpose",
         }
     }
 
@@ -240,6 +272,36 @@ impl Network {
             folder.display(),
             names.join(", ")
         ))
+    }
+
+    /// The files `preprocessor` (one this network serves) needs from `folder` that are not
+    /// there, by their usual names; empty when it can run. OpenPose needs its body file, and
+    /// the hand or face file for the modules that detect hands or faces.
+    pub fn missing_files(self, preprocessor: &str, folder: Option<&Path>) -> Vec<String> {
+        let needed: Vec<&str> = match self {
+            Network::Openpose => {
+                let (hands, face, _) = openpose::module_parts(preprocessor).unwrap_or_default();
+                let mut files = vec![OPENPOSE_BODY];
+                if hands {
+                    files.push(OPENPOSE_HAND);
+                }
+                if face {
+                    files.push(OPENPOSE_FACE);
+                }
+                files
+            }
+            _ => {
+                return match folder.map(|f| self.find_file(f)) {
+                    Some(Ok(_)) => Vec::new(),
+                    _ => vec![self.file_name().to_string()],
+                }
+            }
+        };
+        needed
+            .into_iter()
+            .filter(|f| folder.and_then(|d| find_named(d, f)).is_none())
+            .map(str::to_string)
+            .collect()
     }
 
     /// The architecture of the weights in `path` (a file [`Network::find_file`] found).
@@ -336,6 +398,12 @@ impl Network {
             (Network::Segformer, Architecture::Segformer(cfg)) => {
                 Box::new(segformer::Segformer::new(vb, cfg)?)
             }
+            // One backend for the three networks (formula weights: values by key).
+            (Network::Openpose, _) => Box::new(openpose::Openpose::new(
+                vb.clone(),
+                Some(vb.clone()),
+                Some(vb),
+            )?),
             (Network::DepthAnythingV2 | Network::Segformer, _) => return Err(mismatch()),
         })
     }
@@ -350,9 +418,43 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<(Box<dyn Detector>, usize)> {
+    let open = |path: &Path| -> Result<_> {
+        let file = diffusion::weights::WeightFile::open(path)?;
+        Ok(diffusion::weights::Counting::var_builder(
+            file,
+            network.dtype(dtype),
+            device,
+        ))
+    };
+    let bytes = |counted: &[&std::sync::Arc<std::sync::atomic::AtomicUsize>]| {
+        counted
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<usize>()
+    };
+    if network == Network::Openpose {
+        // The body file is `path`; the hand and face files load when they are beside it.
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let (body, body_bytes) = open(path)?;
+        let hand = find_named(folder, OPENPOSE_HAND)
+            .map(|p| open(&p))
+            .transpose()?;
+        let face = find_named(folder, OPENPOSE_FACE)
+            .map(|p| open(&p))
+            .transpose()?;
+        let mut counted = vec![&body_bytes];
+        counted.extend(hand.iter().map(|(_, b)| b));
+        counted.extend(face.iter().map(|(_, b)| b));
+        let detector = openpose::Openpose::new(
+            body,
+            hand.as_ref().map(|(vb, _)| vb.clone()),
+            face.as_ref().map(|(vb, _)| vb.clone()),
+        )?;
+        let total = bytes(&counted);
+        return Ok((Box::new(detector), total));
+    }
     let architecture = network.architecture(path)?;
-    let file = diffusion::weights::WeightFile::open(path)?;
-    let (vb, bytes) = diffusion::weights::Counting::var_builder(file, network.dtype(dtype), device);
+    let (vb, counted) = open(path)?;
     let detector = network.build_as(vb, &architecture)?;
-    Ok((detector, bytes.load(std::sync::atomic::Ordering::Relaxed)))
+    Ok((detector, bytes(&[&counted])))
 }

@@ -56,10 +56,17 @@ fn layouts(network: Network) -> Vec<(&'static str, Option<SaveOptions>)> {
     ]
 }
 
-/// The large networks (MiDaS 121 M values, NormalBAE 73 M, UniFormer 51 M) are not written
-/// three times here (hundreds of MB each); their own tests write and load their real layout
-/// (`tests/midas.rs`, `tests/normal_bae.rs`, `tests/uniformer.rs`).
-const COVERED_ELSEWHERE: [Network; 3] = [Network::Midas, Network::NormalBae, Network::Uniformer];
+/// The large networks (MiDaS 121 M values, NormalBAE 73 M, UniFormer 51 M, OpenPose's three
+/// files) are not written three times here (hundreds of MB each); their own tests write and
+/// load their real layout (`tests/midas.rs`, `tests/normal_bae.rs`, `tests/uniformer.rs`,
+/// `tests/openpose_body.rs`, `tests/openpose_hand_face.rs`; the server's
+/// `tests/annotators.rs` serves OpenPose from a legacy pickle).
+const COVERED_ELSEWHERE: [Network; 4] = [
+    Network::Midas,
+    Network::NormalBae,
+    Network::Uniformer,
+    Network::Openpose,
+];
 
 /// The `.pth` name the folder lookup finds for the default architecture.
 fn pth_name(network: Network) -> &'static str {

@@ -1,14 +1,16 @@
 //! Times each network preprocessor on one photo (formula weights, f32, this machine's CPU):
 //! the whole detector — detect-size resize, network, post-processing — as `/v1/detect` runs it.
 //! Prints one JSON line per preprocessor. `tools/bench/annotators.sh` runs it beside
-//! controlnet_aux on the same image and prints the ratios.
+//! controlnet_aux on the same image and prints the ratios. Depth Anything V2 runs as ViT-L and
+//! SegFormer as B5 at 640×640 (what A1111 downloads / the largest ADE20K model), like the
+//! reference side.
 //!
 //! Usage: bench-annotators IMAGE.png [--resolution 512] [--iters 3] [--only NAME,NAME]
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use neural_annotators::formula::FormulaWeights;
-use neural_annotators::Network;
+use neural_annotators::{Architecture, Network};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,8 +35,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let network = Network::for_preprocessor(name).expect("a network preprocessor");
         let detector = loaded.entry(network).or_insert_with(|| {
+            let architecture = match network {
+                Network::DepthAnythingV2 => Architecture::DepthAnythingV2(
+                    neural_annotators::depth_anything_v2::Config::vitl(),
+                ),
+                Network::Segformer => {
+                    Architecture::Segformer(neural_annotators::segformer::Config::ade_b5())
+                }
+                n => n.default_architecture(),
+            };
             network
-                .build(FormulaWeights::var_builder(DType::F32, &device))
+                .build_as(
+                    FormulaWeights::var_builder(DType::F32, &device),
+                    &architecture,
+                )
                 .expect("builds")
         });
         let pre = annotators::find(name).expect("listed");
