@@ -36,14 +36,16 @@ fn container(network: Network) -> SaveOptions {
         | Network::LineartRealistic
         | Network::Midas
         | Network::DepthAnythingV2
-        | Network::Segformer => opts(Format::Zip, StorageDtype::F32, &[], ""),
+        | Network::Segformer
+        | Network::Openpose => opts(Format::Zip, StorageDtype::F32, &[], ""),
     }
 }
 
 /// Not written: UniFormer always rescales to a 512-pixel short side (mmseg's `img_scale`), a
 /// minute of debug-build CPU here; its own tests load its real layout
 /// (`crates/neural-annotators/tests/uniformer.rs`). Here it stands for a missing file.
-const NOT_WRITTEN: Network = Network::Uniformer;
+/// OpenPose has its own test below (its files are legacy pickles, one per part).
+const NOT_WRITTEN: [Network; 2] = [Network::Uniformer, Network::Openpose];
 
 fn weights_folder() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cns-e2e-annotators-{}", std::process::id()));
@@ -51,7 +53,7 @@ fn weights_folder() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     for network in Network::ALL {
         match network {
-            NOT_WRITTEN => continue,
+            n if NOT_WRITTEN.contains(&n) => continue,
             Network::Segformer => {
                 neural_annotators::formula::write_into_folder(network, &dir).unwrap();
                 continue;
@@ -138,7 +140,7 @@ async fn every_network_preprocessor_is_served_from_the_users_files() {
         .unwrap();
     let served: Vec<&str> = neural_annotators::PREPROCESSORS
         .into_iter()
-        .filter(|p| Network::for_preprocessor(p) != Some(NOT_WRITTEN))
+        .filter(|p| !NOT_WRITTEN.contains(&Network::for_preprocessor(p).unwrap()))
         .collect();
     for name in neural_annotators::PREPROCESSORS {
         let p = list
@@ -152,9 +154,10 @@ async fn every_network_preprocessor_is_served_from_the_users_files() {
             assert_eq!(p["missing_weights"], json!([]), "{p}");
         } else {
             assert_eq!(p["available"], false, "{p}");
+            let network = Network::for_preprocessor(name).unwrap();
             assert_eq!(
                 p["missing_weights"],
-                json!([NOT_WRITTEN.file_name()]),
+                json!(network.missing_files(name, None)),
                 "{p}"
             );
         }
@@ -167,10 +170,10 @@ async fn every_network_preprocessor_is_served_from_the_users_files() {
             .unwrap()
             .clone()
     };
-    let pose = entry("openpose");
-    assert_eq!(pose["available"], false);
-    assert_eq!(pose["not_implemented"], true);
-    assert!(pose.get("unsupported").is_none(), "{pose}");
+    let denoise = entry("lineart_anime_denoise");
+    assert_eq!(denoise["available"], false);
+    assert_eq!(denoise["not_implemented"], true);
+    assert!(denoise.get("unsupported").is_none(), "{denoise}");
     let leres = entry("depth_leres");
     assert_eq!(leres["available"], false);
     assert_eq!(leres["not_implemented"], true);
@@ -253,7 +256,11 @@ async fn every_network_preprocessor_is_served_from_the_users_files() {
         .filter(|l| l.starts_with("engine_annotator_loads_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
-    assert_eq!(loads, Network::ALL.len() as f64 - 1.0, "{metrics}");
+    assert_eq!(
+        loads,
+        (Network::ALL.len() - NOT_WRITTEN.len()) as f64,
+        "{metrics}"
+    );
     assert!(metrics.contains("engine_annotate_seconds_count{preprocessor=\"softedge_hed\"}"));
     assert!(metrics.contains("device_memory_in_use_bytes{kind=\"annotators\"}"));
 }
@@ -338,4 +345,172 @@ async fn without_the_files_the_answer_names_the_file_and_the_folder() {
         assert_eq!(pidi["missing_weights"], json!(["table5_pidinet.pth"]));
         assert_eq!(modules["module_detail"]["canny"]["available"], true);
     }
+}
+
+/// OpenPose from its legacy pickle (the body file only): `/v1/detect` answers the hint and the
+/// people as OpenPose JSON (A1111's `/controlnet/detect` as `poses`); the modules that need the
+/// hand or face file name it; that JSON passed back as a control's `pose` is drawn into the
+/// very same hint; bad poses are 422s naming the field inside the JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn openpose_answers_keypoints_and_draws_them_back() {
+    let dir = std::env::temp_dir().join(format!("cns-e2e-openpose-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let [body, _, _] = neural_annotators::formula::openpose_shapes().unwrap();
+    let tensors: Vec<(String, TensorData)> = body
+        .into_iter()
+        .map(|(name, shape)| {
+            let v = neural_annotators::formula::values(&name, &shape);
+            (name, TensorData::new(shape, v))
+        })
+        .collect();
+    // The real file: a legacy (torch < 1.6) pickle; f16 storage keeps the test's file small
+    // (formula values are f16-exact).
+    let legacy = SaveOptions {
+        format: Format::Legacy,
+        dtype: StorageDtype::F16,
+        nest: Vec::new(),
+        prefix: String::new(),
+    };
+    save(&dir.join("body_pose_model.pth"), &tensors, legacy).unwrap();
+    let server = Server::start(&["--annotator-root", dir.to_str().unwrap()], &[]);
+    let c = Client::new();
+    let image = png_b64(&photo());
+
+    let (status, body) = post(
+        &c,
+        server.url("/v1/detect"),
+        json!({"image": image, "preprocessor": "openpose", "processor_res": 64}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let hint = decode(body["image"].as_str().unwrap());
+    let pose = body["pose"].clone();
+    let (w, h) = (hint.width(), hint.height());
+    assert_eq!(pose["canvas_width"], w);
+    assert_eq!(pose["canvas_height"], h);
+    assert!(pose["people"].is_array(), "{pose}");
+    // In-process, on the same file.
+    let (detector, _) = neural_annotators::load(
+        Network::Openpose,
+        &dir.join("body_pose_model.pth"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = detector
+        .detect_keypoints(
+            "openpose",
+            &annotators::ops::resize_image(&photo(), 64),
+            &[],
+        )
+        .unwrap();
+    assert!(hint == want.hint);
+    assert_eq!(Some(&pose), want.keypoints.as_ref());
+
+    // A1111's route answers the poses too.
+    let (status, a1111) = post(
+        &c,
+        server.url("/controlnet/detect"),
+        json!({"controlnet_module": "openpose", "controlnet_input_images": [image],
+               "controlnet_processor_res": 64}),
+    )
+    .await;
+    assert_eq!(status, 200, "{a1111}");
+    assert_eq!(a1111["poses"], json!([pose]));
+
+    // The hand and face networks' files are missing.
+    for (module, files) in [
+        ("openpose_hand", vec!["hand_pose_model.pth"]),
+        ("openpose_faceonly", vec!["facenet.pth"]),
+        ("openpose_full", vec!["hand_pose_model.pth", "facenet.pth"]),
+    ] {
+        let (status, body) = post(
+            &c,
+            server.url("/v1/detect"),
+            json!({"image": image, "preprocessor": module, "processor_res": 64}),
+        )
+        .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["field"], "preprocessor");
+        let msg = body["error"].as_str().unwrap();
+        for f in &files {
+            assert!(msg.contains(f), "{msg} lacks {f}");
+        }
+        assert!(!msg.contains("body_pose_model"), "{msg}");
+    }
+
+    // The JSON drawn back as a control's hint is the detector's hint.
+    let (status, body) = post(
+        &c,
+        server.url("/v1/generate"),
+        json!({"prompt": "a dancer", "width": 64, "height": 64, "steps": 1, "seed": 1,
+               "return_hints": true,
+               "controls": [{"adapter": "openpose", "pose": pose, "preprocessor": "openpose"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(decode(body["hints"][0].as_str().unwrap()) == hint);
+
+    // A hand-made pose: one body with two points, drawn as controlnet_aux draws it.
+    let mut keypoints = vec![0.0; 18 * 3];
+    keypoints[..3].copy_from_slice(&[20.0, 10.0, 1.0]); // nose
+    keypoints[3..6].copy_from_slice(&[20.0, 30.0, 1.0]); // neck
+    let made = json!({"people": [{"pose_keypoints_2d": keypoints}],
+                      "canvas_width": 48, "canvas_height": 40});
+    let (status, body) = post(
+        &c,
+        server.url("/v1/generate"),
+        json!({"prompt": "a dancer", "width": 64, "height": 64, "steps": 1, "seed": 1,
+               "return_hints": true, "controls": [{"adapter": "openpose", "pose": made}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let drawn = decode(body["hints"][0].as_str().unwrap());
+    assert_eq!(drawn, engine::draw_pose(&made, None, u64::MAX).unwrap());
+    assert_eq!(drawn.dimensions(), (48, 40));
+    assert!(drawn.pixels().any(|p| p.0 != [0, 0, 0]), "nothing drawn");
+
+    // Bad poses name the field inside the JSON.
+    let mut short = made.clone();
+    short["people"][0]["pose_keypoints_2d"] = json!([1.0, 2.0]);
+    let mut nan_canvas = made.clone();
+    nan_canvas["canvas_width"] = json!(-3);
+    for (control, field) in [
+        (
+            json!({"adapter": "openpose", "pose": short}),
+            "controls[0].pose.people[0].pose_keypoints_2d",
+        ),
+        (
+            json!({"adapter": "openpose", "pose": nan_canvas}),
+            "controls[0].pose.canvas_width",
+        ),
+        (
+            json!({"adapter": "openpose", "pose": "not a pose"}),
+            "controls[0].pose",
+        ),
+        (
+            json!({"adapter": "openpose", "pose": made, "image": image}),
+            "controls[0].pose",
+        ),
+        (json!({"adapter": "openpose"}), "controls[0].image"),
+        (
+            json!({"adapter": "openpose", "pose": made, "preprocessor": "canny"}),
+            "controls[0].preprocessor",
+        ),
+        (
+            json!({"adapter": "openpose", "pose": made, "params": {"x": 1.0}}),
+            "controls[0].pose",
+        ),
+    ] {
+        let (status, body) = post(
+            &c,
+            server.url("/v1/generate"),
+            json!({"prompt": "x", "width": 64, "height": 64, "steps": 1, "controls": [control]}),
+        )
+        .await;
+        assert_eq!(status, 422, "{control}: {body}");
+        assert_eq!(body["field"], field, "{control}: {body}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,12 +30,16 @@ PY
 
 cargo build --release --quiet -p neural-annotators --bin bench-annotators
 ours=$(./target/release/bench-annotators "$img" "${args[@]}")
+echo "$ours" >&2
 theirs=$(HF_HUB_OFFLINE=1 "$PYTHON" tools/bench/annotators_torch.py "$img" "${args[@]}" 2>/dev/null)
+echo "$theirs" >&2
 
 "$PYTHON" - "$ours" "$theirs" <<'PY'
 import json, sys
-ours = {r["preprocessor"]: r for r in map(json.loads, sys.argv[1].splitlines())}
-theirs = {r["preprocessor"]: r for r in map(json.loads, sys.argv[2].splitlines())}
+# Only the JSON lines: the reference modules may print on stdout too.
+rows = lambda text: [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+ours = {r["preprocessor"]: r for r in rows(sys.argv[1])}
+theirs = {r["preprocessor"]: r for r in rows(sys.argv[2])}
 first = next(iter(theirs.values()))
 print(f"512x512, f32, CPU; reference: {first['impl']} ({first['threads']} threads)")
 print(f"{'preprocessor':<20} {'ours median s':>14} {'torch median s':>15} {'ratio ours/torch':>17}")

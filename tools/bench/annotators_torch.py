@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Times controlnet_aux 0.0.10's detectors for the network preprocessors on one image, on CPU,
-with the same formula weights as the Rust benchmark (tools/parity/neural/formula.py): the whole
-detector call (resize to the detect resolution, network, post-processing), float32.
+"""Times the reference detectors for the network preprocessors on one image, on CPU, with the
+same formula weights as the Rust benchmark (tools/parity/neural/formula.py): the whole detector
+call (resize to the detect resolution, network, post-processing), float32. controlnet_aux
+0.0.10's detectors, and for the later networks the references in tools/bench/neural_*.py
+(Depth Anything V2 ViT-L, SegFormer-B5 at 640 through transformers, UniFormer-S in torch).
 
 Usage: annotators_torch.py IMAGE.png [--resolution 512] [--iters 3] [--only a,b]
 Prints one JSON line per preprocessor.
@@ -52,6 +54,31 @@ def detectors():
     }
 
 
+# The part-2/3 networks, each from its own tools/bench/neural_*.py, with what each serves (so
+# that --only builds just the networks asked for: the large ones take a while to fill).
+NEURAL = {
+    "neural_midas": ["depth_midas", "normal_midas"],
+    "neural_depth_anything_v2": ["depth_anything_v2"],
+    "neural_normal_bae": ["normal_bae"],
+    "neural_uniformer": ["seg_ufade20k"],
+    "neural_segformer": ["seg_segformer"],
+    "neural_openpose": ["openpose", "openpose_full"],
+}
+
+
+def neural_detectors(only):
+    import importlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    out = {}
+    for module, names in NEURAL.items():
+        if only and not any(n in only for n in names):
+            continue
+        if os.path.exists(os.path.join(here, module + ".py")):
+            out.update(importlib.import_module(module).detectors())
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("image")
@@ -61,8 +88,10 @@ def main():
     args = ap.parse_args()
     img = np.array(Image.open(args.image).convert("RGB"))
     only = args.only.split(",") if args.only else None
+    runs = dict(detectors())
+    runs.update(neural_detectors(only))
     with torch.no_grad():
-        for name, run in detectors().items():
+        for name, run in runs.items():
             if only and name not in only:
                 continue
             run(img, args.resolution)  # warm-up

@@ -21,7 +21,7 @@ use std::time::Instant;
 use annotators::{AnnotatorError, Preprocessor};
 use candle_core::{DType, Device};
 use image::RgbImage;
-use neural_annotators::{Detector, Network};
+use neural_annotators::{Detection, Detector, Network};
 
 use crate::EngineError;
 
@@ -121,9 +121,11 @@ impl AnnotatorPool {
         let Some(network) = Network::for_preprocessor(pre.name) else {
             return Availability::NotImplemented;
         };
-        match &self.settings.root {
-            Some(root) if network.find_file(root).is_ok() => Availability::Ready,
-            _ => Availability::MissingWeights(vec![network.file_name().to_string()]),
+        let missing = network.missing_files(pre.name, self.settings.root.as_deref());
+        if missing.is_empty() {
+            Availability::Ready
+        } else {
+            Availability::MissingWeights(missing)
         }
     }
 
@@ -149,10 +151,18 @@ impl AnnotatorPool {
         }
     }
 
-    fn resident_hit(&self, network: Network) -> Option<Arc<dyn Detector>> {
+    /// The resident network, if it serves `preprocessor`. One that does not (OpenPose loaded
+    /// before its hand or face file was added) is dropped from the pool here, to be reloaded;
+    /// annotations holding it finish with it.
+    fn resident_hit(&self, network: Network, preprocessor: &str) -> Option<Arc<dyn Detector>> {
         let mut state = self.lock();
         state.tick += 1;
         let tick = state.tick;
+        let serves = state.resident.get(&network)?.detector.serves(preprocessor);
+        if !serves {
+            state.resident.remove(&network);
+            return None;
+        }
         state.resident.get_mut(&network).map(|r| {
             r.used = tick;
             r.detector.clone()
@@ -166,27 +176,29 @@ impl AnnotatorPool {
         preprocessor: &str,
         network: Network,
     ) -> Result<Arc<dyn Detector>, EngineError> {
-        if let Some(d) = self.resident_hit(network) {
+        if let Some(d) = self.resident_hit(network, preprocessor) {
             return Ok(d);
         }
         let _one_load = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = self.resident_hit(network) {
+        if let Some(d) = self.resident_hit(network, preprocessor) {
             return Ok(d);
         }
-        let missing = |folder: String| {
-            EngineError::Annotator(AnnotatorError::MissingWeights {
+        let root = self.settings.root.as_deref();
+        let missing = network.missing_files(preprocessor, root);
+        if !missing.is_empty() {
+            return Err(EngineError::Annotator(AnnotatorError::MissingWeights {
                 preprocessor: preprocessor.to_string(),
-                file: network.file_name().to_string(),
-                folder,
-            })
-        };
-        let root =
-            self.settings.root.as_ref().ok_or_else(|| {
-                missing("(no annotator folder configured: [annotators] root)".into())
-            })?;
-        let path = network
-            .find_file(root)
-            .map_err(|_| missing(root.display().to_string()))?;
+                file: missing.join(", "),
+                folder: root.map_or_else(
+                    || "(no annotator folder configured: [annotators] root)".to_string(),
+                    |r| r.display().to_string(),
+                ),
+            }));
+        }
+        let root = root.expect("no file is missing, so there is a folder");
+        let path = network.find_file(root).map_err(|e| {
+            EngineError::AnnotatorLoad(format!("annotator {}: {e}", network.name()))
+        })?;
         let started = Instant::now();
         let (detector, bytes) =
             neural_annotators::load(network, &path, self.settings.dtype, &self.settings.device)
@@ -248,7 +260,7 @@ pub(crate) struct AnnotateTask {
     /// At its detect size.
     pub image: RgbImage,
     pub params: Vec<f64>,
-    pub reply: tokio::sync::oneshot::Sender<Result<RgbImage, EngineError>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Detection, EngineError>>,
     pub enqueued: Instant,
 }
 
@@ -264,7 +276,7 @@ impl AnnotateTask {
         let started = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.detector
-                .detect(self.preprocessor, &self.image, &self.params)
+                .detect_keypoints(self.preprocessor, &self.image, &self.params)
         }));
         let result = match result {
             Ok(Ok(hint)) => Ok(hint),
@@ -284,4 +296,46 @@ impl AnnotateTask {
             .record(started.elapsed().as_secs_f64());
         let _ = self.reply.send(result);
     }
+}
+
+/// Why a pose cannot be drawn.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PoseError {
+    /// The module asked to draw it is not an OpenPose one (nor `none`).
+    #[error("a pose is drawn by an OpenPose preprocessor or none, not `{0}`")]
+    Module(String),
+    /// The JSON: `path` is the offending field inside it (`people[0].pose_keypoints_2d`;
+    /// empty for the whole value).
+    #[error("{reason}")]
+    Json { path: String, reason: String },
+}
+
+/// Draws `pose` (OpenPose JSON: what `/v1/detect` returns for the OpenPose preprocessors, or a
+/// pose editor writes) as a hint at its canvas size, with the standard skeleton. `module`
+/// chooses the parts drawn as the OpenPose preprocessors do (`openpose`: body;
+/// `openpose_hand`: body and hands; `openpose_face`: body and face; `openpose_faceonly`: face;
+/// `openpose_full`, `none` or absent: all). A canvas over `max_pixels` is refused. Pure CPU.
+pub fn draw_pose(
+    pose: &serde_json::Value,
+    module: Option<&str>,
+    max_pixels: u64,
+) -> Result<RgbImage, PoseError> {
+    use neural_annotators::openpose::{draw, module_parts, pose_json};
+    let (draw_hands, draw_face, draw_body) = match module {
+        None | Some("none") => (true, true, true),
+        Some(m) => module_parts(m).ok_or_else(|| PoseError::Module(m.to_string()))?,
+    };
+    let (poses, width, height) = pose_json::decode(pose).map_err(|e| PoseError::Json {
+        path: e.path.clone(),
+        reason: e.to_string(),
+    })?;
+    if width as u64 * height as u64 > max_pixels {
+        return Err(PoseError::Json {
+            path: "canvas_width".into(),
+            reason: format!("a {width}×{height} canvas is over the limit of {max_pixels} pixels"),
+        });
+    }
+    Ok(draw::draw_poses(
+        &poses, height, width, draw_body, draw_hands, draw_face,
+    ))
 }

@@ -41,7 +41,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 pub use adapters::{AdapterCounters, AdapterInfo, AdapterRegistry, AdapterSettings};
-pub use annotate::{AnnotatorCounters, AnnotatorPool, AnnotatorSettings, Availability};
+pub use annotate::{
+    draw_pose, AnnotatorCounters, AnnotatorPool, AnnotatorSettings, Availability, PoseError,
+};
+pub use neural_annotators::Detection;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
@@ -473,6 +476,21 @@ impl Engine {
         params: &annotators::Params,
         seed: u64,
     ) -> Result<RgbImage, EngineError> {
+        Ok(self
+            .annotate_keypoints(name, image, resolution, params, seed)?
+            .hint)
+    }
+
+    /// [`Engine::annotate`], with the keypoints of preprocessors that find them (OpenPose's, as
+    /// OpenPose JSON).
+    pub fn annotate_keypoints(
+        &self,
+        name: &str,
+        image: &RgbImage,
+        resolution: Option<u32>,
+        params: &annotators::Params,
+        seed: u64,
+    ) -> Result<Detection, EngineError> {
         let checked =
             annotators::check(name, image, resolution, params).map_err(EngineError::Annotator)?;
         let pre = checked.pre;
@@ -481,7 +499,10 @@ impl Engine {
             let hint = run(&checked.input(image), &checked.values, seed);
             metrics::histogram!("engine_annotate_seconds", "preprocessor" => pre.name)
                 .record(started.elapsed().as_secs_f64());
-            return Ok(hint);
+            return Ok(Detection {
+                hint,
+                keypoints: None,
+            });
         }
         if let Some(reason) = pre.unsupported {
             return Err(EngineError::Annotator(

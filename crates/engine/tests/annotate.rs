@@ -123,12 +123,15 @@ fn missing_weights_name_the_preprocessor_the_file_and_the_folder() {
         Availability::Ready
     );
     assert_eq!(
-        pool.availability(annotators::find("openpose").unwrap()),
+        pool.availability(annotators::find("lineart_anime_denoise").unwrap()),
         Availability::NotImplemented
     );
     // Deliberately unsupported ones say why and what to use instead, before any loading.
     let leres = annotators::find("depth_leres").unwrap();
-    assert!(matches!(pool.availability(leres), Availability::Unsupported(_)));
+    assert!(matches!(
+        pool.availability(leres),
+        Availability::Unsupported(_)
+    ));
     let err = engine
         .annotate("depth_leres", &photo(64, 64), None, &params(), 0)
         .unwrap_err();

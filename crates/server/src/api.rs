@@ -101,9 +101,20 @@ pub struct ControlRequest {
     #[schema(pattern = r"^[A-Za-z0-9._-]{1,128}$")]
     pub adapter: String,
     /// The control image, base64 (PNG/JPEG/WebP, or a `data:` URL). Used as the hint as is,
-    /// unless `preprocessor` is given.
+    /// unless `preprocessor` is given. Give `image` or `pose`.
+    #[serde(default)]
     #[schema(min_length = 1)]
-    pub image: String,
+    pub image: Option<String>,
+    /// Instead of `image`: a pose as OpenPose JSON (`people[].pose_keypoints_2d`,
+    /// `hand_left_keypoints_2d`, `hand_right_keypoints_2d`, `face_keypoints_2d`,
+    /// `canvas_width`, `canvas_height`: what `/v1/detect` returns for the OpenPose
+    /// preprocessors, or a pose editor writes), drawn with the standard skeleton at its canvas
+    /// size as the hint. `preprocessor` then chooses the parts drawn: `openpose` the body,
+    /// `openpose_hand` body and hands, `openpose_face` body and face, `openpose_faceonly` the
+    /// face; `openpose_full`, `none` or none given: all.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub pose: Option<serde_json::Value>,
     /// A preprocessor to turn `image` into the hint first (see `GET /v1/preprocessors`).
     #[serde(default)]
     pub preprocessor: Option<String>,
@@ -279,7 +290,8 @@ pub trait Catalog {
     fn has_adapter(&self, name: &str) -> bool;
     /// The text-encoder layers of `model` (`None`: the default model), if known.
     fn clip_layers(&self, model: Option<&str>) -> Option<usize>;
-    /// Runs a preprocessor (blocks: call from a blocking thread).
+    /// Runs a preprocessor (blocks: call from a blocking thread): the hint, and the keypoints
+    /// of those that find some.
     fn annotate(
         &self,
         name: &str,
@@ -287,7 +299,7 @@ pub trait Catalog {
         resolution: Option<u32>,
         params: &annotators::Params,
         seed: u64,
-    ) -> Result<RgbImage, EngineError>;
+    ) -> Result<engine::Detection, EngineError>;
 }
 
 /// The most text-encoder layers `clip_skip` may skip, whatever the model.
@@ -337,7 +349,7 @@ pub fn run_preprocessor(
     resolution: Option<u32>,
     params: &BTreeMap<String, f64>,
     seed: u64,
-) -> Result<RgbImage, ApiError> {
+) -> Result<engine::Detection, ApiError> {
     let at = |name: &str| {
         if field.is_empty() {
             name.to_string()
@@ -524,8 +536,57 @@ pub fn prepare(
         check_range(&format!("{field}.scale"), c.scale, 0.0, 2.0)?;
         check_range(&format!("{field}.start"), c.start, 0.0, 1.0)?;
         check_range(&format!("{field}.end"), c.end, c.start, 1.0)?;
-        let image =
-            images::decode_base64(&format!("{field}.image"), &c.image, limits.max_input_pixels)?;
+        let image = match (&c.image, &c.pose) {
+            (Some(data), None) => {
+                images::decode_base64(&format!("{field}.image"), data, limits.max_input_pixels)?
+            }
+            (None, Some(pose)) => {
+                if !c.params.is_empty() || c.processor_res.is_some() {
+                    return Err(ApiError::invalid(
+                        format!("{field}.pose"),
+                        "a pose is drawn, not preprocessed: it takes no params or processor_res",
+                    ));
+                }
+                let hint =
+                    engine::draw_pose(pose, c.preprocessor.as_deref(), limits.max_input_pixels)
+                        .map_err(|e| {
+                            let at = match &e {
+                                engine::PoseError::Module(_) => format!("{field}.preprocessor"),
+                                engine::PoseError::Json { path, .. } if path.is_empty() => {
+                                    format!("{field}.pose")
+                                }
+                                engine::PoseError::Json { path, .. } => {
+                                    format!("{field}.pose.{path}")
+                                }
+                            };
+                            ApiError::invalid(at, e.to_string())
+                        })?;
+                controls.push(NamedControl {
+                    adapter: c.adapter.clone(),
+                    image: hint.clone(),
+                    resize: c.resize_mode.unwrap_or(req.resize_mode).into(),
+                    scale: c.scale,
+                    start: c.start,
+                    end: c.end,
+                    mode: c.control_mode.into(),
+                    mask_hint: false,
+                });
+                hints.push(hint);
+                continue;
+            }
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    format!("{field}.pose"),
+                    "give `image` or `pose`, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    format!("{field}.image"),
+                    "missing: give `image` (or `pose`)",
+                ))
+            }
+        };
         let hint = match c.preprocessor.as_deref() {
             None | Some("none") => {
                 if !c.params.is_empty() {
@@ -536,15 +597,18 @@ pub fn prepare(
                 }
                 image
             }
-            Some(name) => run_preprocessor(
-                catalog,
-                &field,
-                name,
-                &image,
-                c.processor_res,
-                &c.params,
-                seed,
-            )?,
+            Some(name) => {
+                run_preprocessor(
+                    catalog,
+                    &field,
+                    name,
+                    &image,
+                    c.processor_res,
+                    &c.params,
+                    seed,
+                )?
+                .hint
+            }
         };
         let mode: ControlMode = c.control_mode.into();
         controls.push(NamedControl {
@@ -610,6 +674,14 @@ pub struct DetectResponse {
     pub image: String,
     pub width: u32,
     pub height: u32,
+    /// For the OpenPose preprocessors: the people found, in the OpenPose JSON layout A1111's
+    /// pose editors read (`people[].pose_keypoints_2d`, `hand_left_keypoints_2d`,
+    /// `hand_right_keypoints_2d`, `face_keypoints_2d` as flat `x, y, confidence` lists in
+    /// pixels of the hint; `canvas_width`, `canvas_height`). Pass it back as a control's `pose`
+    /// to draw it as the hint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub pose: Option<serde_json::Value>,
 }
 
 /// A preprocessor parameter, as `GET /v1/preprocessors` lists it.

@@ -77,8 +77,9 @@ impl api::Catalog for AppState {
         resolution: Option<u32>,
         params: &annotators::Params,
         seed: u64,
-    ) -> Result<image::RgbImage, engine::EngineError> {
-        self.engine.annotate(name, image, resolution, params, seed)
+    ) -> Result<engine::Detection, engine::EngineError> {
+        self.engine
+            .annotate_keypoints(name, image, resolution, params, seed)
     }
 }
 

@@ -243,7 +243,7 @@ pub async fn detect(
     let max = state.config.limits.max_input_pixels;
     images::blocking("preprocessing", move || {
         let image = images::decode_base64("image", &req.image, max)?;
-        let hint = api::run_preprocessor(
+        let detection = api::run_preprocessor(
             &state,
             "",
             &req.preprocessor,
@@ -252,10 +252,12 @@ pub async fn detect(
             &req.params,
             req.seed,
         )?;
+        let hint = &detection.hint;
         Ok(Json(DetectResponse {
-            image: images::encode_base64(&hint, images::OutputFormat::Png)?,
+            image: images::encode_base64(hint, images::OutputFormat::Png)?,
             width: hint.width(),
             height: hint.height(),
+            pose: detection.keypoints,
         }))
     })
     .await

@@ -349,7 +349,8 @@ pub fn convert(req: &A1111Request, img2img: bool, state: &AppState) -> Result<Co
             };
             let control = ControlRequest {
                 adapter: adapter.clone(),
-                image,
+                image: Some(image),
+                pose: None,
                 preprocessor: (!is_none).then(|| pre.name.to_string()),
                 params: if is_none {
                     BTreeMap::new()

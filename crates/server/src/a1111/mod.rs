@@ -390,23 +390,33 @@ pub async fn detect(
     let resolution = processor_res("controlnet_processor_res", req.controlnet_processor_res)?;
     let params = pre.params_from_thresholds(req.controlnet_threshold_a, req.controlnet_threshold_b);
     let max = state.config.limits.max_input_pixels;
-    let images = images::blocking("preprocessing", move || {
-        req.controlnet_input_images
-            .iter()
-            .enumerate()
-            .map(|(i, data)| {
-                let image =
-                    images::decode_base64(&format!("controlnet_input_images[{i}]"), data, max)?;
-                let hint =
-                    api::run_preprocessor(&state, "", pre.name, &image, resolution, &params, 0)
-                        .map_err(|e| fields::rename_detect(e, pre, i))?;
-                images::encode_base64(&hint, OutputFormat::Png)
-            })
-            .collect()
-    })
-    .await?;
+    let detections: Vec<(String, Option<serde_json::Value>)> =
+        images::blocking("preprocessing", move || {
+            req.controlnet_input_images
+                .iter()
+                .enumerate()
+                .map(|(i, data)| {
+                    let image =
+                        images::decode_base64(&format!("controlnet_input_images[{i}]"), data, max)?;
+                    let detection =
+                        api::run_preprocessor(&state, "", pre.name, &image, resolution, &params, 0)
+                            .map_err(|e| fields::rename_detect(e, pre, i))?;
+                    Ok((
+                        images::encode_base64(&detection.hint, OutputFormat::Png)?,
+                        detection.keypoints,
+                    ))
+                })
+                .collect()
+        })
+        .await?;
+    // As the extension answers: `poses` only for the OpenPose modules, one per image.
+    let poses = detections
+        .iter()
+        .any(|(_, k)| k.is_some())
+        .then(|| detections.iter().map(|(_, k)| k.clone()).collect());
     Ok(Json(A1111DetectResponse {
-        images,
+        images: detections.into_iter().map(|(image, _)| image).collect(),
+        poses,
         info: "Success".into(),
     }))
 }

@@ -261,6 +261,11 @@ impl Default for A1111DetectRequest {
 pub struct A1111DetectResponse {
     /// The detected maps, PNG base64, one per input image.
     pub images: Vec<String>,
+    /// For the OpenPose modules, as the extension answers: one OpenPose JSON per image (see
+    /// the native `DetectResponse.pose`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub poses: Option<Vec<Option<serde_json::Value>>>,
     /// "Success".
     pub info: String,
 }
