@@ -305,3 +305,55 @@ fn annotations_and_generations_share_the_worker_without_starving() {
         "the generation waited for the annotation burst ({after} annotations ended after it)"
     );
 }
+
+/// OpenPose loads its hand and face networks only when their files are present: a module
+/// that needs a part added to the folder after OpenPose loaded reloads it (once), and the
+/// module list says which file each module lacks.
+#[test]
+fn openpose_reloads_when_a_needed_part_arrives() {
+    let dir = weights_folder(&[]);
+    let [body, hand, _] = neural_annotators::formula::openpose_shapes().unwrap();
+    neural_annotators::formula::save_shapes(body, &dir.join("body_pose_model.safetensors"))
+        .unwrap();
+    let engine = engine(Some(&dir), None);
+    let pool = engine.annotators();
+    assert_eq!(
+        pool.availability(annotators::find("openpose").unwrap()),
+        Availability::Ready
+    );
+    assert_eq!(
+        pool.availability(annotators::find("openpose_full").unwrap()),
+        Availability::MissingWeights(vec!["hand_pose_model.pth".into(), "facenet.pth".into()])
+    );
+    // A flat image: the formula-weight body network finds nobody, so the hand network (four
+    // scales per hand) has nothing to run on and the test stays quick.
+    let image = image::RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
+    engine
+        .annotate("openpose", &image, Some(64), &params(), 0)
+        .unwrap();
+    let err = engine
+        .annotate("openpose_hand", &image, Some(64), &params(), 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("hand_pose_model.pth"), "{err}");
+    assert_eq!(engine.status().annotators.loads, 1);
+
+    neural_annotators::formula::save_shapes(hand, &dir.join("hand_pose_model.safetensors"))
+        .unwrap();
+    engine
+        .annotate("openpose_hand", &image, Some(64), &params(), 0)
+        .unwrap();
+    assert_eq!(
+        engine.status().annotators.loads,
+        2,
+        "reloaded with the hand"
+    );
+    engine
+        .annotate("openpose", &image, Some(64), &params(), 0)
+        .unwrap();
+    assert_eq!(
+        engine.status().annotators.loads,
+        2,
+        "the reload serves both"
+    );
+    assert_eq!(engine.status().annotators.resident, 1);
+}
