@@ -47,6 +47,16 @@ fn container(network: Network) -> SaveOptions {
 /// OpenPose has its own test below (its files are legacy pickles, one per part).
 const NOT_WRITTEN: [Network; 2] = [Network::Uniformer, Network::Openpose];
 
+/// Removes a test's weight folder when the test ends, passing or not (formula weight files
+/// take hundreds of MB).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn weights_folder() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cns-e2e-annotators-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -127,6 +137,7 @@ async fn post(c: &Client, url: String, body: Value) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_network_preprocessor_is_served_from_the_users_files() {
     let dir = weights_folder();
+    let _cleanup = Cleanup(dir.clone());
     let server = Server::start(&["--annotator-root", dir.to_str().unwrap()], &[]);
     let c = Client::new();
 
@@ -269,6 +280,7 @@ async fn every_network_preprocessor_is_served_from_the_users_files() {
 async fn without_the_files_the_answer_names_the_file_and_the_folder() {
     let empty = std::env::temp_dir().join(format!("cns-e2e-no-annotators-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();
+    let _cleanup = Cleanup(empty.clone());
     let image = png_b64(&photo());
     let c = Client::new();
     for (flags, folder) in [
@@ -356,6 +368,7 @@ async fn openpose_answers_keypoints_and_draws_them_back() {
     let dir = std::env::temp_dir().join(format!("cns-e2e-openpose-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(dir.clone());
     let [body, _, _] = neural_annotators::formula::openpose_shapes().unwrap();
     let tensors: Vec<(String, TensorData)> = body
         .into_iter()

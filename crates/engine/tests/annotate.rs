@@ -13,6 +13,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Removes a test's weight folder when the test ends, passing or not (formula weight files
+/// take hundreds of MB).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn weights_folder(networks: &[Network]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "cns-annotators-{}-{:?}",
@@ -68,6 +78,7 @@ fn params() -> annotators::Params {
 #[test]
 fn network_preprocessor_runs_on_the_engine_and_matches_the_network() {
     let dir = weights_folder(&[Network::Hed]);
+    let _cleanup = Cleanup(dir.clone());
     let engine = engine(Some(&dir), None);
     let image = photo(80, 64);
     let hint = engine
@@ -111,6 +122,7 @@ fn network_preprocessor_runs_on_the_engine_and_matches_the_network() {
 #[test]
 fn missing_weights_name_the_preprocessor_the_file_and_the_folder() {
     let dir = weights_folder(&[Network::Hed]);
+    let _cleanup = Cleanup(dir.clone());
     let engine = engine(Some(&dir), None);
     let pool = engine.annotators();
     let mlsd = annotators::find("mlsd").unwrap();
@@ -173,6 +185,7 @@ fn engine_without_folder() -> Engine {
 #[test]
 fn budget_evicts_the_least_recently_used_idle_network_and_reloads_on_demand() {
     let dir = weights_folder(&[Network::Hed, Network::LineartRealistic]);
+    let _cleanup = Cleanup(dir.clone());
     let hed_bytes = size_of(&dir, Network::Hed);
     let lineart_bytes = size_of(&dir, Network::LineartRealistic);
     // Room for the larger one, not for both.
@@ -243,6 +256,7 @@ fn finish(mut handle: engine::JobHandle) -> Instant {
 #[test]
 fn annotations_and_generations_share_the_worker_without_starving() {
     let dir = weights_folder(&[Network::Hed]);
+    let _cleanup = Cleanup(dir.clone());
     let engine = Arc::new(engine(Some(&dir), None));
     let image = photo(64, 64);
     // Load first, so that the timings below are runs, not loads.
@@ -312,6 +326,7 @@ fn annotations_and_generations_share_the_worker_without_starving() {
 #[test]
 fn openpose_reloads_when_a_needed_part_arrives() {
     let dir = weights_folder(&[]);
+    let _cleanup = Cleanup(dir.clone());
     let [body, hand, _] = neural_annotators::formula::openpose_shapes().unwrap();
     neural_annotators::formula::save_shapes(body, &dir.join("body_pose_model.safetensors"))
         .unwrap();
