@@ -3,8 +3,8 @@
 A schema can say that an image field is a non-empty base64 string, not that it decodes to a
 PNG; that an adapter name matches a pattern, not that the adapter is loaded; it cannot compare
 two fields (`end` >= `start`). Before each call, in cases schemathesis generated as valid, this
-puts a real 64x64 PNG in every image field, a loaded adapter's name in every adapter/model
-field, and orders start/end pairs. Invalid cases are sent as generated. Schemathesis checks
+puts a real 64x64 PNG in every image field, a real pose in every pose field, a loaded adapter's
+name in every adapter/model field, and orders start/end pairs. Invalid cases are sent as generated. Schemathesis checks
 again that the case is still valid by the schema after the hook ran.
 """
 
@@ -37,6 +37,13 @@ def _png(width: int = 64, height: int = 64) -> str:
 
 
 PNG = _png()
+# A real pose (OpenPose JSON, as /v1/detect answers it): the schema can say a pose is an object,
+# not that it holds 18 body points.
+POSE = {
+    "people": [{"pose_keypoints_2d": [0.5, 0.2, 1.0, 0.5, 0.4, 1.0] + [0.0] * 48}],
+    "canvas_width": 64,
+    "canvas_height": 64,
+}
 
 # Hypothesis describes deeply nested strategies (free-form JSON in fields the API ignores) by
 # recursion; CPython 3.11's parser can fail at the default limit ("AST constructor recursion
@@ -99,7 +106,10 @@ def before_call(context, case, kwargs):
             name = _adapter(base_url)
             for c in controls:
                 c["adapter"] = name
-                c["image"] = PNG
+                if isinstance(c.get("pose"), dict):
+                    c["pose"] = POSE
+                else:
+                    c["image"] = PNG
                 _order(c, "start", "end")
     elif path == "/v1/detect":
         body["image"] = PNG

@@ -391,6 +391,25 @@ fn complete(doc: &mut Yaml, facts: &Facts) {
         &["properties", "adapter"],
         json!({"pattern": r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"}),
     );
+    // `image` or `pose`, not both; a pose is drawn, so it takes no preprocessor parameters
+    // (its preprocessor, if any, only says which parts are drawn).
+    merge(
+        schema(doc, "ControlRequest"),
+        &[],
+        json!({"oneOf": [
+            {"title": "image", "required": ["image"],
+             "properties": {"image": {"type": "string"}, "pose": {"type": "null"}}},
+            {"title": "pose", "required": ["pose"],
+             "properties": {
+                 "pose": {"type": "object"},
+                 "image": {"type": "null"},
+                 "preprocessor": {"enum": [null, "none", "openpose", "openpose_hand",
+                     "openpose_face", "openpose_faceonly", "openpose_full"]},
+                 "params": {"maxProperties": 0},
+                 "processor_res": {"type": "null"},
+             }},
+        ]}),
+    );
     merge(
         schema(doc, "DetectRequest"),
         &[],
