@@ -54,28 +54,38 @@ def detectors():
     }
 
 
-# The part-2/3 networks, each from its own tools/bench/neural_*.py, with what each serves (so
-# that --only builds just the networks asked for: the large ones take a while to fill).
+# The part-2/3 networks, each from its own tools/bench/neural_*.py: what each serves (so that
+# --only builds just the networks asked for: the large ones take a while to fill) and the
+# library whose implementation it runs.
 NEURAL = {
-    "neural_midas": ["depth_midas", "normal_midas"],
-    "neural_depth_anything_v2": ["depth_anything_v2"],
-    "neural_normal_bae": ["normal_bae"],
-    "neural_uniformer": ["seg_ufade20k"],
-    "neural_segformer": ["seg_segformer"],
-    "neural_openpose": ["openpose", "openpose_full"],
+    "neural_midas": (["depth_midas", "normal_midas"], "controlnet_aux"),
+    "neural_depth_anything_v2": (["depth_anything_v2"], "transformers"),
+    "neural_normal_bae": (["normal_bae"], "controlnet_aux"),
+    "neural_uniformer": (["seg_ufade20k"], "UniFormer torch reference"),
+    "neural_segformer": (["seg_segformer"], "transformers"),
+    "neural_openpose": (["openpose", "openpose_full"], "controlnet_aux"),
 }
 
 
+def version(package):
+    try:
+        return " " + __import__(package).__version__
+    except ImportError:
+        return ""
+
+
 def neural_detectors(only):
+    """{preprocessor: (callable, implementation label)} for the networks --only asks for."""
     import importlib
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
     out = {}
-    for module, names in NEURAL.items():
+    for module, (names, library) in NEURAL.items():
         if only and not any(n in only for n in names):
             continue
-        if os.path.exists(os.path.join(here, module + ".py")):
-            out.update(importlib.import_module(module).detectors())
+        label = library + (version(library) if library in ("controlnet_aux", "transformers") else "")
+        for name, run in importlib.import_module(module).detectors().items():
+            out[name] = (run, label)
     return out
 
 
@@ -88,10 +98,10 @@ def main():
     args = ap.parse_args()
     img = np.array(Image.open(args.image).convert("RGB"))
     only = args.only.split(",") if args.only else None
-    runs = dict(detectors())
+    runs = {name: (run, "controlnet_aux" + version("controlnet_aux")) for name, run in detectors().items()}
     runs.update(neural_detectors(only))
     with torch.no_grad():
-        for name, run in runs.items():
+        for name, (run, library) in runs.items():
             if only and name not in only:
                 continue
             run(img, args.resolution)  # warm-up
@@ -101,7 +111,7 @@ def main():
                 run(img, args.resolution)
                 times.append(time.perf_counter() - t)
             times.sort()
-            print(json.dumps({"impl": f"controlnet_aux {__import__('controlnet_aux').__version__} / torch {torch.__version__}",
+            print(json.dumps({"impl": f"{library} / torch {torch.__version__}",
                               "preprocessor": name, "median_s": times[len(times) // 2], "min_s": times[0],
                               "threads": torch.get_num_threads()}), flush=True)
 

@@ -32,18 +32,3 @@ def detectors():
             return da.a1111(model, resize_image(img, r))
 
     return {"depth_anything_v2": run}
-
-
-if __name__ == "__main__":
-    import time
-
-    import numpy as np
-    from PIL import Image
-
-    img = np.array(Image.open(sys.argv[1]).convert("RGB"))
-    res = int(sys.argv[2]) if len(sys.argv) > 2 else 512
-    for name, run in detectors().items():
-        run(img, res)
-        t = time.perf_counter()
-        hint = run(img, res)
-        print(name, hint.shape, f"{time.perf_counter() - t:.3f} s")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Reference side of the `depth_midas` / `normal_midas` benchmark: controlnet_aux 0.0.10's
 `MidasDetector` as a user calls it (HWC3, resize_image to the detect resolution, DPTDepthModel
 DPT-Hybrid, min-max normalisation; for normal_midas the depth_and_normal path with A1111's
@@ -10,17 +9,12 @@ detectors() -> {"depth_midas" | "normal_midas": callable(img_rgb_uint8, resoluti
 
 Standalone: neural_midas.py IMAGE.png [--resolution 512] [--iters 3]  (one JSON line each)
 """
-import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity", "neural"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 BG_THRESHOLD = 0.4  # A1111's default for normal_midas (controlnet_aux's own default is 0.1)
 
@@ -41,30 +35,3 @@ def detectors():
         return n
 
     return {"depth_midas": depth, "normal_midas": normal}
-
-
-def main():
-    from PIL import Image
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("image")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--iters", type=int, default=3)
-    args = ap.parse_args()
-    img = np.array(Image.open(args.image).convert("RGB"))
-    with torch.no_grad():
-        for name, run in detectors().items():
-            run(img, args.resolution)  # warm-up
-            times = []
-            for _ in range(args.iters):
-                t = time.perf_counter()
-                run(img, args.resolution)
-                times.append(time.perf_counter() - t)
-            times.sort()
-            print(json.dumps({"impl": f"controlnet_aux {__import__('controlnet_aux').__version__} / torch {torch.__version__}",
-                              "preprocessor": name, "median_s": times[len(times) // 2], "min_s": times[0],
-                              "threads": torch.get_num_threads()}), flush=True)
-
-
-if __name__ == "__main__":
-    main()

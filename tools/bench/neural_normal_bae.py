@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Reference side of the `normal_bae` benchmark: controlnet_aux 0.0.10's NormalBaeDetector
 (`NNET`, architecture 'BN', EfficientNet-B5-AP encoder built offline from the geffnet copy
 vendored in controlnet_aux, pretrained=False) on the formula weights of
@@ -10,19 +9,13 @@ of tools/bench/annotators_torch.py. Run directly to time it:
 
     neural_normal_bae.py IMAGE.png [--resolution 512] [--iters 3]
 """
-import argparse
-import json
 import os
 import sys
-import time
 import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity", "neural"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import formula  # noqa: E402
 
@@ -38,28 +31,3 @@ def detectors():
     return {
         "normal_bae": lambda img, r: det(img, detect_resolution=r, image_resolution=r, output_type="np"),
     }
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("image")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--iters", type=int, default=3)
-    args = ap.parse_args()
-    img = np.array(Image.open(args.image).convert("RGB"))
-    with torch.no_grad():
-        for name, run in detectors().items():
-            run(img, args.resolution)  # warm-up
-            times = []
-            for _ in range(args.iters):
-                t = time.perf_counter()
-                run(img, args.resolution)
-                times.append(time.perf_counter() - t)
-            times.sort()
-            print(json.dumps({"impl": f"controlnet_aux {__import__('controlnet_aux').__version__} / torch {torch.__version__}",
-                              "preprocessor": name, "median_s": times[len(times) // 2], "min_s": times[0],
-                              "threads": torch.get_num_threads()}), flush=True)
-
-
-if __name__ == "__main__":
-    main()

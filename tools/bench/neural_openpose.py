@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Reference side of the `openpose` / `openpose_full` benchmark: controlnet_aux 0.0.10's
 `OpenposeDetector` as a user calls it (HWC3, resize_image to the detect resolution, the body
 network and its grouping; for openpose_full also the hand boxes with the 4-scale hand network
@@ -15,16 +14,12 @@ detectors() -> {"openpose" | "openpose_full": callable(img_rgb_uint8, resolution
 
 Standalone: neural_openpose.py IMAGE.png [--resolution 512] [--iters 3]  (one JSON line each)
 """
-import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity", "neural"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import formula  # noqa: E402
@@ -74,30 +69,3 @@ def detectors():
                    include_hand=True, include_face=True, output_type="np")
 
     return {"openpose": openpose, "openpose_full": openpose_full}
-
-
-def main():
-    from PIL import Image
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("image")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--iters", type=int, default=3)
-    args = ap.parse_args()
-    img = np.array(Image.open(args.image).convert("RGB"))
-    with torch.no_grad():
-        for name, run in detectors().items():
-            run(img, args.resolution)  # warm-up
-            times = []
-            for _ in range(args.iters):
-                t = time.perf_counter()
-                run(img, args.resolution)
-                times.append(time.perf_counter() - t)
-            times.sort()
-            print(json.dumps({"impl": f"controlnet_aux {__import__('controlnet_aux').__version__} / torch {torch.__version__}",
-                              "preprocessor": name, "median_s": times[len(times) // 2], "min_s": times[0],
-                              "threads": torch.get_num_threads()}), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Reference side of the `seg_segformer` benchmark: transformers 5.24's SegFormer as a user runs it
 (controlnet_aux.util.resize_image to the detect resolution, SegformerImageProcessor — its default
 torchvision backend — with the nvidia/segformer-b5-finetuned-ade-640-640 size 640x640,
@@ -11,11 +10,8 @@ detectors() -> {"seg_segformer": callable(img_rgb_uint8, resolution) -> hint (H,
 
 Standalone: neural_segformer.py IMAGE.png [--resolution 512] [--iters 3]  (one JSON line)
 """
-import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity", "neural"))
@@ -45,30 +41,3 @@ def detectors():
         return palette[labels.numpy()]
 
     return {"seg_segformer": seg}
-
-
-def main():
-    from PIL import Image
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("image")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--iters", type=int, default=3)
-    args = ap.parse_args()
-    img = np.array(Image.open(args.image).convert("RGB"))
-    for name, run in detectors().items():
-        run(img, args.resolution)  # warm-up
-        times = []
-        for _ in range(args.iters):
-            t = time.perf_counter()
-            run(img, args.resolution)
-            times.append(time.perf_counter() - t)
-        times.sort()
-        import transformers
-        print(json.dumps({"impl": f"transformers {transformers.__version__} / torch {torch.__version__}",
-                          "preprocessor": name, "median_s": times[len(times) // 2], "min_s": times[0],
-                          "threads": torch.get_num_threads()}), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -28,18 +28,3 @@ def detectors():
         return hint
 
     return {"seg_ufade20k": seg}
-
-
-if __name__ == "__main__":
-    import time
-
-    import numpy as np
-    from PIL import Image
-
-    img = np.array(Image.open(sys.argv[1]).convert("RGB"))
-    res = int(sys.argv[2]) if len(sys.argv) > 2 else 512
-    for name, run in detectors().items():
-        run(img, res)
-        t = time.perf_counter()
-        hint = run(img, res)
-        print(name, hint.shape, f"{time.perf_counter() - t:.3f} s")
