@@ -749,6 +749,54 @@ pub fn preprocessor_list(pool: &engine::AnnotatorPool) -> Vec<PreprocessorInfo> 
         .collect()
 }
 
+/// `GET /v1/limits`: what a request may ask of this server (`[limits]`), and the defaults it
+/// fills in, so a client (the page at `/`) can size its forms.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LimitsInfo {
+    /// Most pixels (width × height) of a generated image.
+    pub max_pixels: usize,
+    /// Smallest width or height.
+    pub min_side: usize,
+    /// Largest width or height (with the other side at `min_side`); sides are multiples of 8.
+    pub max_side: usize,
+    /// Width and height when a request gives none.
+    pub default_side: usize,
+    pub max_steps: usize,
+    pub default_steps: usize,
+    /// Most images per request.
+    pub max_images: usize,
+    /// Most ControlNet units per request.
+    pub max_controls: usize,
+    pub max_prompt_chars: usize,
+    /// The scheduler names `scheduler` takes.
+    pub schedulers: Vec<String>,
+    pub default_scheduler: String,
+    /// Generation routes need `Authorization: Bearer <key>` (this route does not).
+    pub api_key_required: bool,
+}
+
+impl LimitsInfo {
+    pub fn new(limits: &crate::config::Limits, auth: &crate::config::AuthConfig) -> Self {
+        Self {
+            max_pixels: limits.max_pixels,
+            min_side: crate::config::MIN_SIDE,
+            max_side: limits.max_side(),
+            default_side: limits.default_side(),
+            max_steps: limits.max_steps,
+            default_steps: limits.default_steps(),
+            max_images: limits.max_images,
+            max_controls: limits.max_controls,
+            max_prompt_chars: limits.max_prompt_chars,
+            schedulers: SchedulerKind::ALL
+                .iter()
+                .map(|k| k.name().to_string())
+                .collect(),
+            default_scheduler: d_scheduler(),
+            api_key_required: !auth.api_keys.is_empty(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModelInfoApi {
     pub name: String,

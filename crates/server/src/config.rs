@@ -29,6 +29,13 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
     pub log_json: bool,
+    /// Origins whose browser pages may call the API (CORS): exact origins such as
+    /// `https://app.example.com`, or `*` for any. Empty: no CORS headers (same-origin only).
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// Let cross-origin pages send credentials (cookies, HTTP auth). Not with `*`.
+    #[serde(default)]
+    pub cors_allow_credentials: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -187,6 +194,11 @@ pub struct Overrides {
     #[arg(long, env = "CNS_ADMIN_KEY")]
     #[serde(skip)]
     pub admin_key: Vec<String>,
+    /// An origin allowed to call the API from a browser (CORS; repeatable, `*` for any;
+    /// replaces the configured list).
+    #[arg(long)]
+    #[serde(skip)]
+    pub cors_origin: Vec<String>,
     /// Logs as JSON lines.
     #[arg(long)]
     #[serde(skip)]
@@ -250,6 +262,9 @@ impl Config {
         if !overrides.admin_key.is_empty() {
             config.auth.admin_keys = overrides.admin_key.clone();
         }
+        if !overrides.cors_origin.is_empty() {
+            config.server.cors_origins = overrides.cors_origin.clone();
+        }
         config.server.log_json |= overrides.log_json;
         config.check()?;
         Ok(config)
@@ -262,6 +277,21 @@ impl Config {
         }
         if self.engine.max_batch == 0 || self.engine.max_queue == 0 {
             anyhow::bail!("engine: max_batch and max_queue must be ≥ 1");
+        }
+        let cors = &self.server;
+        if cors.cors_origins.iter().any(|o| o == "*") {
+            if cors.cors_origins.len() > 1 {
+                anyhow::bail!("server.cors_origins: `*` stands alone (it allows every origin)");
+            }
+            if cors.cors_allow_credentials {
+                anyhow::bail!(
+                    "server.cors_origins: `*` cannot go with cors_allow_credentials (browsers refuse it); list the origins"
+                );
+            }
+        }
+        for origin in cors.cors_origins.iter().filter(|o| *o != "*") {
+            crate::cors::parse_origin(origin)
+                .map_err(|e| anyhow::anyhow!("server.cors_origins: {e}"))?;
         }
         if self
             .auth
@@ -307,6 +337,25 @@ mod tests {
             (c.server.bind.as_str(), c.engine.max_batch),
             ("0.0.0.0:1", 3)
         );
+    }
+
+    #[test]
+    fn cors_origins_are_checked() {
+        let with = |origins: &[&str], credentials: bool| {
+            let mut c = Config::defaults();
+            c.server.cors_origins = origins.iter().map(|s| s.to_string()).collect();
+            c.server.cors_allow_credentials = credentials;
+            c.check().map_err(|e| e.to_string())
+        };
+        assert!(with(&[], false).is_ok());
+        assert!(with(&["*"], false).is_ok());
+        assert!(with(&["https://a.example", "http://b.example:8080"], true).is_ok());
+        let err = with(&["*"], true).unwrap_err();
+        assert!(err.contains("cors_allow_credentials"), "{err}");
+        let err = with(&["*", "https://a.example"], false).unwrap_err();
+        assert!(err.contains("stands alone"), "{err}");
+        let err = with(&["https://a.example/app"], false).unwrap_err();
+        assert!(err.contains("https://a.example/app"), "{err}");
     }
 
     #[test]

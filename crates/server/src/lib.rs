@@ -5,10 +5,12 @@ pub mod a1111;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod cors;
 pub mod error;
 pub mod images;
 pub mod metrics;
 pub mod openapi;
+pub mod page;
 pub mod routes;
 pub mod run;
 
@@ -197,7 +199,12 @@ pub fn router(state: AppState) -> Router {
             auth::require_admin_key,
         ));
     let request_id = HeaderName::from_static("x-request-id");
-    Router::new()
+    let cors = cors::layer(&state.config.server);
+    let app = Router::new()
+        .route("/", get(page::index))
+        .route("/ui/app.js", get(page::app_js))
+        .route("/ui/style.css", get(page::style_css))
+        .route("/v1/limits", get(routes::limits))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
@@ -230,7 +237,11 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
 }
 
 /// The request id (set by the outermost layer), for log lines.

@@ -14,7 +14,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::config::{Config, Limits, MIN_SIDE};
-use crate::{a1111, api, error, images, routes, AppState};
+use crate::{a1111, api, error, images, page, routes, AppState};
 
 struct BearerKeys;
 
@@ -54,6 +54,7 @@ impl Modify for BearerKeys {
         routes::detect,
         routes::preprocessors,
         routes::models,
+        routes::limits,
         routes::adapters,
         routes::put_adapter,
         routes::delete_adapter,
@@ -61,6 +62,9 @@ impl Modify for BearerKeys {
         routes::ready,
         routes::metrics,
         routes::openapi,
+        page::index,
+        page::app_js,
+        page::style_css,
     ),
     components(schemas(
         api::GenerateRequest,
@@ -75,6 +79,7 @@ impl Modify for BearerKeys {
         api::PreprocessorInfo,
         api::ParamInfo,
         api::ModelInfoApi,
+        api::LimitsInfo,
         api::AdapterInfoApi,
         api::PutAdapterRequest,
         images::OutputFormat,

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{
     self, AdapterInfoApi, DetectRequest, DetectResponse, GenerateRequest, GenerateResponse,
-    ModelInfoApi, PreprocessorInfo, PutAdapterRequest,
+    LimitsInfo, ModelInfoApi, PreprocessorInfo, PutAdapterRequest,
 };
 use crate::error::{ApiError, ApiJson, ErrorBody, ErrorKind};
 use crate::images;
@@ -294,6 +294,17 @@ pub async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfoApi>> {
             })
             .collect(),
     )
+}
+
+/// What a request may ask of this server (sizes, steps, images, controls, prompt length, the
+/// schedulers), the defaults it fills in, and whether generation needs a key. Needs no key
+/// itself, so a client (the page) learns that before its first keyed call.
+#[utoipa::path(
+    get, path = "/v1/limits", tag = "models",
+    responses((status = 200, description = "This server's limits and defaults", body = LimitsInfo))
+)]
+pub async fn limits(State(state): State<AppState>) -> Json<LimitsInfo> {
+    Json(LimitsInfo::new(&state.config.limits, &state.config.auth))
 }
 
 /// The ControlNet adapters.
