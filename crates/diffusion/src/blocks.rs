@@ -40,14 +40,15 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 
 use crate::config::{AttentionSpec, EncoderSpec};
+use crate::conv::{conv2d, Conv2d};
 
-fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<nn::Conv2d> {
+fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<Conv2d> {
     let cfg = nn::Conv2dConfig {
         padding: 1,
         stride,
         ..Default::default()
     };
-    nn::conv2d(c_in, c_out, 3, cfg, vb)
+    conv2d(c_in, c_out, 3, cfg, vb)
 }
 
 /// The fewest rows for which gemm 0.19 computes a `[m, k] × [k, n]` product with its blocked
@@ -377,12 +378,12 @@ impl Module for GroupNorm {
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
-    conv1: nn::Conv2d,
+    conv1: Conv2d,
     norm2: GroupNorm,
-    conv2: nn::Conv2d,
+    conv2: Conv2d,
     time_emb_proj: Option<Linear>,
     /// A 1×1 conv when the channel count changes.
-    conv_shortcut: Option<nn::Conv2d>,
+    conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
 }
 
@@ -398,7 +399,7 @@ impl ResnetBlock2D {
     ) -> Result<Self> {
         let conv_shortcut = if c_in != c_out {
             let cfg = Default::default();
-            Some(nn::conv2d(c_in, c_out, 1, cfg, vb.pp("conv_shortcut"))?)
+            Some(conv2d(c_in, c_out, 1, cfg, vb.pp("conv_shortcut"))?)
         } else {
             None
         };
@@ -529,7 +530,7 @@ impl BasicTransformerBlock {
 
 #[derive(Debug)]
 enum Projection {
-    Conv(nn::Conv2d),
+    Conv(Conv2d),
     Linear(Linear),
 }
 
@@ -558,8 +559,8 @@ impl Transformer2D {
         } else {
             let cfg = Default::default();
             (
-                Projection::Conv(nn::conv2d(channels, channels, 1, cfg, vb.pp("proj_in"))?),
-                Projection::Conv(nn::conv2d(channels, channels, 1, cfg, vb.pp("proj_out"))?),
+                Projection::Conv(conv2d(channels, channels, 1, cfg, vb.pp("proj_in"))?),
+                Projection::Conv(conv2d(channels, channels, 1, cfg, vb.pp("proj_out"))?),
             )
         };
         let blocks = (0..spec.depth)
@@ -625,7 +626,7 @@ fn resnet(
 pub struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2D>,
-    downsampler: Option<(nn::Conv2d, usize)>,
+    downsampler: Option<(Conv2d, usize)>,
 }
 
 impl DownBlock {
@@ -657,7 +658,7 @@ impl DownBlock {
                 padding: enc.downsample_padding,
                 ..Default::default()
             };
-            let conv = nn::conv2d(c_out, c_out, 3, cfg, vb.pp("downsamplers.0.conv"))?;
+            let conv = conv2d(c_out, c_out, 3, cfg, vb.pp("downsamplers.0.conv"))?;
             Some((conv, enc.downsample_padding))
         } else {
             None
@@ -747,7 +748,7 @@ impl MidBlock {
 pub struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2D>,
-    upsampler: Option<nn::Conv2d>,
+    upsampler: Option<Conv2d>,
 }
 
 impl UpBlock {
@@ -845,7 +846,7 @@ impl UpBlock {
 #[derive(Debug)]
 pub struct Encoder {
     pub spec: EncoderSpec,
-    conv_in: nn::Conv2d,
+    conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     down_blocks: Vec<DownBlock>,

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::blocks::Encoder;
 use crate::config::{ControlNetConfig, EncoderSpec};
+use crate::conv::{conv2d, Conv2d};
 use crate::weights::{Counting, WeightFile};
 use candle_nn::var_builder::SimpleBackend;
 
@@ -87,30 +88,30 @@ pub mod residual_weights {
 /// `2^(stages-1)` times, its last conv zero-initialised.
 #[derive(Debug)]
 struct ConditioningEmbedding {
-    conv_in: nn::Conv2d,
-    blocks: Vec<nn::Conv2d>,
-    conv_out: nn::Conv2d,
+    conv_in: Conv2d,
+    blocks: Vec<Conv2d>,
+    conv_out: Conv2d,
 }
 
-fn conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize) -> Result<nn::Conv2d> {
+fn conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize) -> Result<Conv2d> {
     let cfg = nn::Conv2dConfig {
         padding: k / 2,
         stride,
         ..Default::default()
     };
-    nn::conv2d(c_in, c_out, k, cfg, vb)
+    conv2d(c_in, c_out, k, cfg, vb)
 }
 
 /// A convolution whose fresh initialisation is zero (the paper's "zero convolution"). When the
 /// weights come from a file the hint is ignored.
-fn zero_conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize) -> Result<nn::Conv2d> {
+fn zero_conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize) -> Result<Conv2d> {
     let w = vb.get_with_hints((c_out, c_in, k, k), "weight", Init::Const(0.0))?;
     let b = vb.get_with_hints(c_out, "bias", Init::Const(0.0))?;
     let cfg = nn::Conv2dConfig {
         padding: k / 2,
         ..Default::default()
     };
-    Ok(nn::Conv2d::new(w, Some(b), cfg))
+    Ok(Conv2d::new(w, Some(b), cfg))
 }
 
 impl ConditioningEmbedding {
@@ -146,8 +147,8 @@ pub struct ControlNetModel {
     pub config: ControlNetConfig,
     encoder: Encoder,
     cond_embedding: ConditioningEmbedding,
-    zero_convs: Vec<nn::Conv2d>,
-    mid_zero_conv: nn::Conv2d,
+    zero_convs: Vec<Conv2d>,
+    mid_zero_conv: Conv2d,
     /// Bytes of weights held, when loaded through a counting source (0 otherwise).
     bytes: usize,
 }

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod config;
 pub mod control;
 pub mod controlnet;
+pub mod conv;
 pub mod denoise;
 pub mod embedded;
 pub mod images;

@@ -9,6 +9,7 @@ use std::path::Path;
 use crate::blocks::{self, Encoder, GroupNorm, UpBlock};
 use crate::config::{EncoderSpec, UNetConfig};
 use crate::controlnet::ControlResiduals;
+use crate::conv::{conv2d, Conv2d};
 use crate::weights::WeightFile;
 
 #[derive(Debug)]
@@ -17,7 +18,7 @@ pub struct UNet2DConditionModel {
     encoder: Encoder,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv2d,
     center_input_sample: bool,
 }
 
@@ -38,7 +39,7 @@ impl UNet2DConditionModel {
             spec.norm_eps,
             vb.pp("conv_norm_out"),
         )?;
-        let conv_out = nn::conv2d(
+        let conv_out = conv2d(
             c0,
             config.out_channels,
             3,

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::blocks::{group_norm, linear, GroupNorm, Linear, ResnetBlock2D};
+use crate::conv::{conv2d, Conv2d};
 use crate::weights::WeightFile;
 use crate::Error;
 
@@ -181,13 +182,13 @@ fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Re
     ResnetBlock2D::new(vb, c_in, c_out, None, groups, 1e-6, 1.0)
 }
 
-fn conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize) -> Result<nn::Conv2d> {
+fn conv(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize) -> Result<Conv2d> {
     let cfg = nn::Conv2dConfig {
         padding: if stride == 1 { k / 2 } else { 0 },
         stride,
         ..Default::default()
     };
-    nn::conv2d(c_in, c_out, k, cfg, vb)
+    conv2d(c_in, c_out, k, cfg, vb)
 }
 
 /// The mid block's self-attention over all pixels (diffusers' `Attention` as the VAE builds it:
@@ -273,16 +274,16 @@ impl MidBlock {
 struct Level {
     resnets: Vec<ResnetBlock2D>,
     /// Stride-2 conv (encoder) or ×2 nearest upsampling + conv (decoder).
-    resample: Option<nn::Conv2d>,
+    resample: Option<Conv2d>,
 }
 
 #[derive(Debug)]
 struct Encoder {
-    conv_in: nn::Conv2d,
+    conv_in: Conv2d,
     down_blocks: Vec<Level>,
     mid_block: MidBlock,
     conv_norm_out: GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv2d,
 }
 
 impl Encoder {
@@ -336,11 +337,11 @@ impl Encoder {
 
 #[derive(Debug)]
 struct Decoder {
-    conv_in: nn::Conv2d,
+    conv_in: Conv2d,
     mid_block: MidBlock,
     up_blocks: Vec<Level>,
     conv_norm_out: GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv2d,
 }
 
 impl Decoder {
@@ -429,8 +430,8 @@ pub struct AutoencoderKL {
     pub config: VaeConfig,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Option<nn::Conv2d>,
-    post_quant_conv: Option<nn::Conv2d>,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
 }
 
 /// How errors name the pre-2023 diffusers VAE attention names (`query`/`key`/`value`/
