@@ -4,7 +4,8 @@
 A step is what StableDiffusionControlNetPipeline does per timestep with classifier-free
 guidance: ControlNet forward, then UNet forward with its residuals. SD 1.5-sized models with
 random init (nothing downloaded), batch 2, latent 32x32 (hint 256x256), float32.
-Prints one JSON line at the end.
+Prints one JSON line at the end. With --profile, first a per-operator breakdown of one step
+(torch.profiler, self CPU time by operator class) on stderr.
 """
 
 import os
@@ -37,10 +38,56 @@ SD15_UNET = dict(
 BATCH, LATENT, TEXT_LEN = 2, 32, 77
 
 
+def op_class(name: str, shapes) -> str:
+    """The breakdown's classes: convolutions by kernel size, matmuls, attention, norms,
+    element-wise, copies."""
+    if name in ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d",
+                "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_nnpack_spatial_convolution"):
+        weight = shapes[1] if len(shapes) > 1 else []
+        k = weight[-1] if len(weight) == 4 else "?"
+        return f"conv {k}x{k}"
+    if name in ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear", "aten::bmm", "aten::baddbmm"):
+        return "matmul (linear, attention products)"
+    if "attention" in name or name in ("aten::_softmax", "aten::softmax"):
+        return "attention (sdpa, softmax)"
+    if "group_norm" in name:
+        return "group norm"
+    if "layer_norm" in name:
+        return "layer norm"
+    if name in ("aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::empty", "aten::to",
+                "aten::_to_copy", "aten::upsample_nearest2d", "aten::pad"):
+        return "copies, cat, resize"
+    if name in ("aten::silu", "aten::gelu", "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::div",
+                "aten::sub", "aten::exp", "aten::sin", "aten::cos", "aten::chunk", "aten::sigmoid"):
+        return "element-wise"
+    return "other"
+
+
+def profile(step) -> None:
+    """One step under torch.profiler: self CPU time per operator class, on stderr."""
+    import sys
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    totals = defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
+        totals[op_class(event.key, event.input_shapes)] += event.self_cpu_time_total / 1e6
+    whole = sum(totals.values())
+    print(f"{'operator class':<40} {'self s':>8} {'share':>7}", file=sys.stderr)
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{name:<40} {seconds:>8.3f} {seconds / whole:>7.1%}", file=sys.stderr)
+    print(f"{'total':<40} {whole:>8.3f}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="per-operator breakdown on stderr")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -82,6 +129,9 @@ def main() -> None:
             step()
             times.append(time.perf_counter() - start)
 
+    if args.profile:
+        with torch.no_grad():
+            profile(step)
     print(
         json.dumps(
             {
