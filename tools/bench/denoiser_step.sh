@@ -3,7 +3,9 @@
 # latent, f32, CPU) in this project and in diffusers/torch, measured in the same run, one after
 # the other so they do not share the cores. Prints both and their ratio.
 #
-# Usage: bash tools/bench/denoiser_step.sh [--warmup N] [--iters N]
+# Usage: bash tools/bench/denoiser_step.sh [--warmup N] [--iters N] [--profile]
+# --profile: each side first prints the time of one step by operator class (ours:
+# diffusion::profile; theirs: torch.profiler).
 # Needs: cargo, and the Python environment of tools/parity (PYTHON=/path/to/python to choose).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,7 +14,10 @@ args=("$@")
 
 cargo build --release --quiet --bin bench-denoiser-step
 ours=$(./target/release/bench-denoiser-step "${args[@]}" | tail -n 1)
-theirs=$(HF_HUB_OFFLINE=1 "$PYTHON" tools/bench/denoiser_step_torch.py "${args[@]}" 2>/dev/null | tail -n 1)
+# torch's warnings are noise, except for the --profile table.
+torch_stderr=/dev/null
+if [[ " ${args[*]} " == *" --profile "* ]]; then torch_stderr=/dev/stderr; fi
+theirs=$(HF_HUB_OFFLINE=1 "$PYTHON" tools/bench/denoiser_step_torch.py "${args[@]}" 2>"$torch_stderr" | tail -n 1)
 
 "$PYTHON" - "$ours" "$theirs" <<'PY'
 import json, sys

@@ -83,6 +83,7 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _timing = crate::profile::scope("linear (attention projections, feed-forward)");
         let (out_dim, k) = self.0.weight().dims2()?;
         let rows = xs.elem_count() / k.max(1);
         let min_rows = gemm_min_rows(out_dim, k);
@@ -187,6 +188,7 @@ const SCORE_ELEMENTS: usize = 1 << 22;
 /// `upcast_attention`), the softmax always in f32. The fused softmax has no backward, so the
 /// composed one is used when a gradient is being taken.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
+    let _timing = crate::profile::scope("attention (q·kᵀ, softmax, ·v)");
     attention_sliced(q, k, v, scale, upcast, SCORE_ELEMENTS)
 }
 
@@ -307,6 +309,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _timing = crate::profile::scope("layer norm");
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?;
         let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
@@ -348,6 +351,7 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timing = crate::profile::scope("group norm");
         let dims = x.dims();
         if dims.len() < 3 {
             candle_core::bail!("GroupNorm: input of rank {} (at least 3)", dims.len())

@@ -113,6 +113,12 @@ const UNFOLD_ELEMENTS: usize = 4 << 20;
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kernel = self.weight.dim(3)?;
+        let _timing = crate::profile::scope(match (kernel, self.config.stride) {
+            (3, 1) => "conv 3x3",
+            (1, 1) => "conv 1x1",
+            _ => "conv, strided (downsamplers, hint encoder)",
+        });
         let y = match self.fast_kernel(x) {
             Some(kernel) => self.forward_unfolded(x, kernel)?,
             None => x.conv2d(

@@ -13,6 +13,7 @@ pub mod embedded;
 pub mod images;
 pub mod ldm;
 pub mod pipeline;
+pub mod profile;
 pub mod prompt_syntax;
 pub mod runtime;
 pub mod schedulers;

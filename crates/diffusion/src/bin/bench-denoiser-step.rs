@@ -2,7 +2,9 @@
 //! with its residuals, at SD 1.5 size with random weights, batch 2 (CFG), 32×32 latent, f32.
 //! `tools/bench/denoiser_step.sh` runs this next to the same step in diffusers and prints both.
 //!
-//! Usage: bench-denoiser-step [--warmup N] [--iters N]. Prints one JSON line.
+//! Usage: bench-denoiser-step [--warmup N] [--iters N] [--profile]. Prints one JSON line; with
+//! `--profile`, first the time by operator class of one more step, on stderr
+//! (`diffusion::profile`).
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use diffusion::{ControlNetConfig, ControlNetModel, UNet2DConditionModel, UNetConfig};
@@ -59,6 +61,34 @@ fn main() -> anyhow::Result<()> {
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if std::env::args().any(|a| a == "--profile") {
+        diffusion::profile::take();
+        diffusion::profile::enable(true);
+        let start = Instant::now();
+        step()?;
+        let whole = start.elapsed().as_secs_f64();
+        diffusion::profile::enable(false);
+        let mut classes = diffusion::profile::take();
+        classes.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        let timed: f64 = classes.iter().map(|c| c.1).sum();
+        eprintln!(
+            "{:<46} {:>8} {:>7} {:>6}",
+            "operator class", "s", "share", "calls"
+        );
+        for (class, seconds, calls) in &classes {
+            eprintln!(
+                "{class:<46} {seconds:>8.3} {:>6.1}% {calls:>6}",
+                100.0 * seconds / whole
+            );
+        }
+        let rest = whole - timed;
+        eprintln!(
+            "{:<46} {rest:>8.3} {:>6.1}%",
+            "element-wise, copies, the rest",
+            100.0 * rest / whole
+        );
+        eprintln!("{:<46} {whole:>8.3}", "step");
+    }
     println!(
         "{}",
         serde_json::json!({
