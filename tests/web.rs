@@ -15,6 +15,23 @@ fn header(r: &Response, name: &str) -> Option<String> {
         .map(|v| v.to_str().unwrap().to_ascii_lowercase())
 }
 
+/// A GET as a page on `origin` sends it, with the API key when given.
+async fn get_from(c: &Client, url: &str, origin: &str, key: Option<&str>) -> Response {
+    let request = c.get(url).header("origin", origin);
+    match key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    }
+    .send()
+    .await
+    .unwrap()
+}
+
+/// A GET's JSON body.
+async fn get_json(c: &Client, url: &str) -> Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// A browser's preflight for a keyed JSON POST.
 async fn preflight(c: &Client, url: &str, origin: &str) -> Response {
     c.request(Method::OPTIONS, url)
@@ -58,13 +75,7 @@ async fn cors_allows_the_configured_origins_only() {
     assert_eq!(header(&r, "access-control-allow-origin"), None);
 
     // Actual requests: the allowed origin gets the headers and may read ours.
-    let r = c
-        .get(server.url("/v1/models"))
-        .header("origin", ALLOWED)
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = get_from(&c, &server.url("/v1/models"), ALLOWED, Some(KEY)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         header(&r, "access-control-allow-origin").as_deref(),
@@ -75,23 +86,12 @@ async fn cors_allows_the_configured_origins_only() {
         assert!(exposed.contains(h), "{exposed}");
     }
     assert!(header(&r, "vary").unwrap().contains("origin"));
-    let r = c
-        .get(server.url("/v1/models"))
-        .header("origin", REFUSED)
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = get_from(&c, &server.url("/v1/models"), REFUSED, Some(KEY)).await;
     // (tower-http still lists the exposed headers; without an allow-origin they mean nothing.)
     assert_eq!(header(&r, "access-control-allow-origin"), None);
 
     // A refusal carries the headers too, so the page can show the JSON error.
-    let r = c
-        .get(server.url("/v1/models"))
-        .header("origin", ALLOWED)
-        .send()
-        .await
-        .unwrap();
+    let r = get_from(&c, &server.url("/v1/models"), ALLOWED, None).await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         header(&r, "access-control-allow-origin").as_deref(),
@@ -134,12 +134,7 @@ async fn cors_any_origin_and_off_by_default() {
         header(&r, "access-control-allow-origin").as_deref(),
         Some("*")
     );
-    let r = c
-        .get(any.url("/v1/limits"))
-        .header("origin", REFUSED)
-        .send()
-        .await
-        .unwrap();
+    let r = get_from(&c, &any.url("/v1/limits"), REFUSED, None).await;
     assert_eq!(
         header(&r, "access-control-allow-origin").as_deref(),
         Some("*")
@@ -149,22 +144,10 @@ async fn cors_any_origin_and_off_by_default() {
     let r = preflight(&c, &off.url("/v1/generate"), ALLOWED).await;
     assert!(!r.status().is_success(), "{}", r.status());
     assert_eq!(header(&r, "access-control-allow-origin"), None);
-    let r = c
-        .get(off.url("/v1/models"))
-        .header("origin", ALLOWED)
-        .send()
-        .await
-        .unwrap();
+    let r = get_from(&c, &off.url("/v1/models"), ALLOWED, None).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "access-control-allow-origin"), None);
-    let limits: Value = c
-        .get(off.url("/v1/limits"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let limits: Value = get_json(&c, &off.url("/v1/limits")).await;
     assert_eq!(limits["api_key_required"], false);
 }
 
@@ -199,14 +182,7 @@ async fn the_page_and_the_limits_are_served() {
 
     // The limits the page sizes its form with: those of config/default.toml.
     // Needs no key (it says whether generation does).
-    let limits: Value = c
-        .get(server.url("/v1/limits"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let limits: Value = get_json(&c, &server.url("/v1/limits")).await;
     assert_eq!(limits["max_controls"], 4);
     assert_eq!(limits["max_steps"], 150);
     assert_eq!(limits["default_side"], 512);

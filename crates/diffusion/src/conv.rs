@@ -58,10 +58,6 @@ impl Conv2d {
         &self.weight
     }
 
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
     /// The fast path's kernel size (3 or 1), when it applies to `x`.
     fn fast_kernel(&self, x: &Tensor) -> Option<usize> {
         let c = &self.config;
@@ -143,6 +139,25 @@ struct Unfold3x3 {
     rows: std::ops::Range<usize>,
 }
 
+/// Where patch entry `shift` (`kh·3 + kw`) of output row `oy` comes from: the input row, and
+/// the columns that overlap, in the patch row and in the input row (the rest is padding).
+/// `None` where the whole row is padding. Shared by the unfold and its adjoint, the fold.
+fn shifted_row(
+    shift: usize,
+    oy: usize,
+    h: usize,
+    w: usize,
+) -> Option<(usize, std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let (dy, dx) = (shift / 3, shift % 3);
+    let iy = (oy + dy).checked_sub(1).filter(|&iy| iy < h)?;
+    let (patch, input) = match dx {
+        0 => (1..w, 0..w - 1),
+        1 => (0..w, 0..w),
+        _ => (0..w - 1, 1..w),
+    };
+    Some((iy, patch, input))
+}
+
 fn unfold3x3<T: Copy + Default + Send + Sync>(
     src: &[T],
     (b, c, h, w): (usize, usize, usize, usize),
@@ -156,18 +171,11 @@ fn unfold3x3<T: Copy + Default + Send + Sync>(
         .zip(src.par_chunks(plane))
         .for_each(|(dst, src)| {
             for (shift, dst) in dst.chunks_mut(band).enumerate() {
-                let (dy, dx) = (shift / 3, shift % 3);
                 for (row, oy) in rows.clone().enumerate() {
-                    // Input row oy + dy − 1; rows outside stay zero.
-                    let Some(iy) = (oy + dy).checked_sub(1).filter(|&iy| iy < h) else {
-                        continue;
-                    };
-                    let src_row = &src[iy * w..(iy + 1) * w];
-                    let dst_row = &mut dst[row * w..(row + 1) * w];
-                    match dx {
-                        0 => dst_row[1..].copy_from_slice(&src_row[..w - 1]),
-                        1 => dst_row.copy_from_slice(src_row),
-                        _ => dst_row[..w - 1].copy_from_slice(&src_row[1..]),
+                    // Rows outside the input stay zero.
+                    if let Some((iy, patch, input)) = shifted_row(shift, oy, h, w) {
+                        dst[row * w..(row + 1) * w][patch]
+                            .copy_from_slice(&src[iy * w..(iy + 1) * w][input]);
                     }
                 }
             }
@@ -233,20 +241,12 @@ fn fold3x3<T: Copy + Default + Send + Sync + std::ops::AddAssign>(
         .zip(src.par_chunks(9 * band))
         .for_each(|(dst, src)| {
             for (shift, src) in src.chunks(band).enumerate() {
-                let (dy, dx) = (shift / 3, shift % 3);
                 for (row, oy) in rows.clone().enumerate() {
-                    let Some(iy) = (oy + dy).checked_sub(1).filter(|&iy| iy < h) else {
-                        continue;
-                    };
-                    let src_row = &src[row * w..(row + 1) * w];
-                    let dst_row = &mut dst[iy * w..(iy + 1) * w];
-                    let (dst_part, src_part) = match dx {
-                        0 => (&mut dst_row[..w - 1], &src_row[1..]),
-                        1 => (&mut dst_row[..], src_row),
-                        _ => (&mut dst_row[1..], &src_row[..w - 1]),
-                    };
-                    for (d, &s) in dst_part.iter_mut().zip(src_part) {
-                        *d += s;
+                    if let Some((iy, patch, input)) = shifted_row(shift, oy, h, w) {
+                        let dst = &mut dst[iy * w..(iy + 1) * w][input];
+                        for (d, &s) in dst.iter_mut().zip(&src[row * w..(row + 1) * w][patch]) {
+                            *d += s;
+                        }
                     }
                 }
             }
