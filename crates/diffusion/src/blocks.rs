@@ -158,12 +158,11 @@ impl Attention {
         })
     }
 
-    /// [B, N, H*D] -> [B, H, N, D]
+    /// [B, N, H*D] -> [B, H, N, D], a view ([`attention`] copies what it needs to).
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
         xs.reshape((b, n, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()
+            .transpose(1, 2)
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
@@ -187,9 +186,16 @@ const SCORE_ELEMENTS: usize = 1 << 22;
 /// softmax(q·kᵀ·scale)·v on `[B, H, N, D]`. Scores are computed in f32 when `upcast` (diffusers'
 /// `upcast_attention`), the softmax always in f32. The fused softmax has no backward, so the
 /// composed one is used when a gradient is being taken.
+///
+/// On the CPU in f32 this is [`crate::fused_attention`], which reads q, k and v through their
+/// strides and returns a view whose heads merge back without a copy.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
     let _timing = crate::profile::scope("attention (q·kᵀ, softmax, ·v)");
-    attention_sliced(q, k, v, scale, upcast, SCORE_ELEMENTS)
+    if crate::fused_attention::applies(q, k, v) {
+        return crate::fused_attention::attention(q, k, v, scale);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    attention_sliced(&q, &k, &v, scale, upcast, SCORE_ELEMENTS)
 }
 
 fn attention_sliced(

@@ -10,6 +10,7 @@ pub mod controlnet;
 pub mod conv;
 pub mod denoise;
 pub mod embedded;
+pub mod fused_attention;
 pub mod images;
 pub mod ldm;
 pub mod pipeline;
@@ -22,6 +23,7 @@ pub mod torch_pickle;
 pub mod transfer;
 pub mod unet;
 pub mod vae;
+pub mod vector_math;
 pub mod weights;
 
 pub use clip::{ClipTextConfig, ClipTextModel};

@@ -338,3 +338,55 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         ))),
     }
 }
+
+/// A model built with candle_nn's initialisation hints (random weights, for benchmarks), held
+/// as inference holds loaded weights: plain tensors, not `Var`s. Built straight from a
+/// `VarMap`, a model records every operation for backprop (each intermediate then lives to the
+/// end of the step) and the CPU paths that have no backward (the fused attention) stand aside,
+/// so it would not time what the service runs.
+pub fn with_random_weights<M, E: From<candle_core::Error>>(
+    dtype: DType,
+    device: &Device,
+    build: impl Fn(VarBuilder<'static>) -> std::result::Result<M, E>,
+) -> std::result::Result<M, E> {
+    let vars = candle_nn::VarMap::new();
+    build(VarBuilder::from_varmap(&vars, dtype, device))?;
+    let tensors: HashMap<String, Tensor> = vars
+        .data()
+        .lock()
+        .expect("the var map is not poisoned")
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    build(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_weights_are_plain_tensors() {
+        let device = Device::Cpu;
+        let layer = with_random_weights(DType::F32, &device, |vb| {
+            candle_nn::linear(4, 3, vb).map_err(crate::Error::from)
+        })
+        .unwrap();
+        assert!(!layer.weight().is_variable());
+        let x = Tensor::ones((2, 4), DType::F32, &device).unwrap();
+        let y = candle_core::Module::forward(&layer, &x).unwrap();
+        assert!(!y.track_op(), "no operation is recorded for backprop");
+        // candle_nn's initialisation: not all zeros.
+        assert!(
+            layer
+                .weight()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+}

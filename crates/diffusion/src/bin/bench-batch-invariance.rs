@@ -10,6 +10,7 @@
 //! Usage: bench-batch-invariance [--iters N (steps)] [--op-iters N] [--rows 1,2,4]
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
+use diffusion::weights::with_random_weights;
 use diffusion::{ControlNetConfig, ControlNetModel, UNet2DConditionModel, UNetConfig};
 use std::time::Instant;
 
@@ -90,16 +91,11 @@ fn main() -> anyhow::Result<()> {
     let dtype = DType::F32;
     let unet_config = UNetConfig::sd15();
     let cn_config = ControlNetConfig::from_unet(&unet_config);
-    let unet_vars = VarMap::new();
-    let unet = UNet2DConditionModel::new(
-        VarBuilder::from_varmap(&unet_vars, dtype, &device),
-        &unet_config,
-    )?;
-    let cn_vars = VarMap::new();
-    let controlnet = ControlNetModel::new(
-        VarBuilder::from_varmap(&cn_vars, dtype, &device),
-        &cn_config,
-    )?;
+    let unet = with_random_weights(dtype, &device, |vb| {
+        UNet2DConditionModel::new(vb, &unet_config)
+    })?;
+    let controlnet =
+        with_random_weights(dtype, &device, |vb| ControlNetModel::new(vb, &cn_config))?;
 
     // Transformer2D blocks of the step at a 32×32 latent, (channels, tokens, how many): the
     // UNet's 5 per level and its mid block, the ControlNet's 2 per level and its mid block.

@@ -6,7 +6,7 @@
 //! `--profile`, first the time by operator class of one more step, on stderr
 //! (`diffusion::profile`).
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use diffusion::weights::with_random_weights;
 use diffusion::{ControlNetConfig, ControlNetModel, UNet2DConditionModel, UNetConfig};
 use std::time::Instant;
 
@@ -27,17 +27,12 @@ fn main() -> anyhow::Result<()> {
     let dtype = DType::F32;
     let unet_config = UNetConfig::sd15();
     let cn_config = ControlNetConfig::from_unet(&unet_config);
-    // Random weights: timing does not depend on their values.
-    let unet_vars = VarMap::new();
-    let unet = UNet2DConditionModel::new(
-        VarBuilder::from_varmap(&unet_vars, dtype, &device),
-        &unet_config,
-    )?;
-    let cn_vars = VarMap::new();
-    let controlnet = ControlNetModel::new(
-        VarBuilder::from_varmap(&cn_vars, dtype, &device),
-        &cn_config,
-    )?;
+    // Random weights (timing does not depend on their values), held as loaded weights are.
+    let unet = with_random_weights(dtype, &device, |vb| {
+        UNet2DConditionModel::new(vb, &unet_config)
+    })?;
+    let controlnet =
+        with_random_weights(dtype, &device, |vb| ControlNetModel::new(vb, &cn_config))?;
 
     let b = 2;
     let sample = Tensor::randn(0f32, 1., (b, 4, 32, 32), &device)?;
