@@ -121,7 +121,7 @@ impl TimestepEmbedding {
 impl Module for TimestepEmbedding {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.linear_2
-            .forward(&nn::ops::silu(&self.linear_1.forward(xs)?)?)
+            .forward(&crate::activations::silu(&self.linear_1.forward(xs)?)?)
     }
 }
 
@@ -276,12 +276,9 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let hidden = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
         // Exact (erf) GELU, as torch.nn.functional.gelu's default.
-        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+        let h = crate::activations::geglu(&self.proj_in.forward(xs)?)?;
+        self.proj_out.forward(&h)
     }
 }
 
@@ -429,14 +426,14 @@ impl ResnetBlock2D {
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self
             .conv1
-            .forward(&nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+            .forward(&crate::activations::silu(&self.norm1.forward(xs)?)?)?;
         if let (Some(temb), Some(proj)) = (temb, &self.time_emb_proj) {
-            let t = proj.forward(&nn::ops::silu(temb)?)?;
+            let t = proj.forward(&crate::activations::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
         }
         let h = self
             .conv2
-            .forward(&nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+            .forward(&crate::activations::silu(&self.norm2.forward(&h)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

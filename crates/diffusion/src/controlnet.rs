@@ -134,9 +134,9 @@ impl ConditioningEmbedding {
 
 impl Module for ConditioningEmbedding {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut xs = nn::ops::silu(&self.conv_in.forward(xs)?)?;
+        let mut xs = crate::activations::silu(&self.conv_in.forward(xs)?)?;
         for b in &self.blocks {
-            xs = nn::ops::silu(&b.forward(&xs)?)?;
+            xs = crate::activations::silu(&b.forward(&xs)?)?;
         }
         self.conv_out.forward(&xs)
     }

@@ -2,6 +2,7 @@
 //!
 //! Models know nothing of requests: they take tensors on the device they were loaded on and
 //! return tensors there.
+pub mod activations;
 pub mod blocks;
 pub mod clip;
 pub mod config;

@@ -157,7 +157,7 @@ impl UNet2DConditionModel {
                 upsample_size,
             )?;
         }
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = crate::activations::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
 }

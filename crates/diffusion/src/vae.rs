@@ -330,7 +330,7 @@ impl Encoder {
             }
         }
         let xs = self.mid_block.forward(&xs)?;
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = crate::activations::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
 }
@@ -387,7 +387,7 @@ impl Decoder {
                 xs = up.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = crate::activations::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -89,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "impl": "controlnet-serve (candle)",
             "candle": "0.11.1",
-            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "threads": rayon::current_num_threads(),
             "step_seconds_median": times[times.len() / 2],
             "step_seconds_min": times[0],
             "iters": iters,
