@@ -88,7 +88,7 @@ impl Module for Linear {
         let rows = xs.elem_count() / k.max(1);
         let min_rows = gemm_min_rows(out_dim, k);
         if !xs.device().is_cpu() || rows >= min_rows {
-            return self.0.forward(xs);
+            return self.rows_forward(xs);
         }
         let padded = xs
             .reshape((rows, k))?
@@ -97,7 +97,29 @@ impl Module for Linear {
         *dims
             .last_mut()
             .expect("a linear layer's input has dimensions") = out_dim;
-        self.0.forward(&padded)?.narrow(0, 0, rows)?.reshape(dims)
+        self.rows_forward(&padded)?
+            .narrow(0, 0, rows)?
+            .reshape(dims)
+    }
+}
+
+impl Linear {
+    /// The layer on `xs` as it comes: with a bias on the CPU in f32, one gemm call adding the
+    /// product into the bias ([`crate::linear_bias`]); otherwise candle_nn's.
+    fn rows_forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let weight = self.0.weight();
+        match self.0.bias() {
+            Some(bias) if crate::linear_bias::applies(xs, weight, bias) => {
+                let (out_dim, k) = weight.dims2()?;
+                let mut dims = xs.dims().to_vec();
+                *dims
+                    .last_mut()
+                    .expect("a linear layer's input has dimensions") = out_dim;
+                let rows = xs.reshape(((), k))?;
+                crate::linear_bias::linear_with_bias(&rows, weight, bias)?.reshape(dims)
+            }
+            _ => self.0.forward(xs),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod embedded;
 pub mod fused_attention;
 pub mod images;
 pub mod ldm;
+pub mod linear_bias;
 pub mod pipeline;
 pub mod profile;
 pub mod prompt_syntax;
