@@ -277,7 +277,10 @@ fn vae_latent_scaling_helpers() {
     // difference between z·sf/sf and z, not the helper.)
     let latents = (cases.get("vae.z") * sf).unwrap();
     let via_latents = model.decode_latents(&latents).unwrap();
-    assert!(identical(&via_latents, &model.decode(&(&latents / sf).unwrap()).unwrap()));
+    assert!(identical(
+        &via_latents,
+        &model.decode(&(&latents / sf).unwrap()).unwrap()
+    ));
     assert!(!identical(&via_latents, &model.decode(&latents).unwrap()));
     let image = cases.get("vae.image");
     let noise = cases.get("vae.sample_noise");
