@@ -35,7 +35,12 @@
 //!   ([`gemm_min_rows`]); a test pins gemm's behaviour for the models' shapes.
 //! - [`attention`] slices its queries to bound the score tensor; the slices were sized for the
 //!   whole batch, so an image's matmuls had fewer rows the more images shared its batch. They
-//!   are sized for one image now, and the batch is cut into groups of images instead.
+//!   are sized for one image now, and the batch is cut into groups of images instead. (On the
+//!   CPU in f32 the fused attention does the same: blocks of one image's queries, sized by the
+//!   sequence lengths alone.)
+//!
+//! On the CPU in f32 the linear layers with a bias, attention, SiLU and GEGLU take fused ops
+//! (`linear_bias`, `fused_attention`, `activations`); the README's "Benchmarks" says why.
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 
