@@ -231,27 +231,12 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{formula, max_rel};
     use candle_core::{DType, Device, D};
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
         candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        (diff.to_scalar::<f32>().unwrap()) / scale.to_scalar::<f32>().unwrap()
-    }
-
-    fn random(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let values: Vec<f32> = (0..n)
-            .map(|i| {
-                (((i as u64 + 1) * (seed * 2 + 1) * 2_654_435_761 % 1000) as f32 / 500.0) - 1.0
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
     #[test]
@@ -263,9 +248,9 @@ mod tests {
             (1, 2, 70, 77, 16, 16),
             (2, 1, 40, 5, 4, 6),
         ] {
-            let q = (random((b, h, nq, d), 1) * 3.0).unwrap();
-            let k = (random((b, h, nk, d), 2) * 3.0).unwrap();
-            let v = random((b, h, nk, dv), 3);
+            let q = (formula((b, h, nq, d), 1) * 3.0).unwrap();
+            let k = (formula((b, h, nk, d), 2) * 3.0).unwrap();
+            let v = formula((b, h, nk, dv), 3);
             let scale = 1.0 / (d as f64).sqrt();
             let got = attention(&q, &k, &v, scale).unwrap();
             assert_eq!(got.dims(), &[b, h, nq, dv]);
@@ -279,10 +264,10 @@ mod tests {
     fn reads_strided_heads() {
         // Heads split from `[B, N, H·D]` by a transposed view, as the UNet's attention does.
         let (b, n, h, d) = (2, 50, 4, 8);
-        let x = random((b, n, h, d), 4);
+        let x = formula((b, n, h, d), 4);
         let q = x.transpose(1, 2).unwrap();
         let k = (x.transpose(1, 2).unwrap() * 0.5).unwrap();
-        let v = random((b, n, h, d), 5).transpose(1, 2).unwrap();
+        let v = formula((b, n, h, d), 5).transpose(1, 2).unwrap();
         assert!(!q.is_contiguous());
         let got = attention(&q, &k, &v, 0.3).unwrap();
         let want = composed(&q, &k, &v, 0.3).unwrap();
@@ -294,9 +279,9 @@ mod tests {
     #[test]
     fn an_image_alone_and_in_a_batch_give_the_same_bits() {
         let (q, k, v) = (
-            random((3, 2, 200, 8), 6),
-            random((3, 2, 200, 8), 7),
-            random((3, 2, 200, 8), 8),
+            formula((3, 2, 200, 8), 6),
+            formula((3, 2, 200, 8), 7),
+            formula((3, 2, 200, 8), 8),
         );
         let batched = attention(&q, &k, &v, 0.35).unwrap();
         for i in 0..3 {
@@ -310,11 +295,11 @@ mod tests {
     #[test]
     fn gradients_match_the_composed_attention() {
         let (b, h, nq, nk, d) = (2, 2, 12, 9, 4);
-        let q = candle_core::Var::from_tensor(&random((b, h, nq, d), 11)).unwrap();
-        let k = candle_core::Var::from_tensor(&random((b, h, nk, d), 12)).unwrap();
-        let v = candle_core::Var::from_tensor(&random((b, h, nk, d), 13)).unwrap();
+        let q = candle_core::Var::from_tensor(&formula((b, h, nq, d), 11)).unwrap();
+        let k = candle_core::Var::from_tensor(&formula((b, h, nk, d), 12)).unwrap();
+        let v = candle_core::Var::from_tensor(&formula((b, h, nk, d), 13)).unwrap();
         // A loss that weighs every output element differently.
-        let weights = random((b, h, nq, d), 14);
+        let weights = formula((b, h, nq, d), 14);
         let grads = |out: Tensor| {
             let loss = (out * &weights).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
@@ -334,8 +319,8 @@ mod tests {
     #[test]
     fn probabilities_sum_to_one_for_large_scores() {
         // Scores in the thousands: the row maximum keeps the exponentials finite.
-        let q = (random((1, 1, 20, 4), 9) * 100.0).unwrap();
-        let k = (random((1, 1, 30, 4), 10) * 100.0).unwrap();
+        let q = (formula((1, 1, 20, 4), 9) * 100.0).unwrap();
+        let k = (formula((1, 1, 30, 4), 10) * 100.0).unwrap();
         let v = Tensor::ones((1, 1, 30, 3), DType::F32, &Device::Cpu).unwrap();
         let got = attention(&q, &k, &v, 1.0).unwrap();
         let ones = got

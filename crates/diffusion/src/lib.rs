@@ -20,6 +20,8 @@ pub mod profile;
 pub mod prompt_syntax;
 pub mod runtime;
 pub mod schedulers;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod torch_pickle;
 pub mod transfer;

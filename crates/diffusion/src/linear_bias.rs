@@ -118,41 +118,16 @@ impl CustomOp3 for LinearWithBias {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Module, Var};
-
-    fn values(shape: (usize, usize), seed: usize) -> Tensor {
-        let n = shape.0 * shape.1;
-        let v: Vec<f32> = (0..n)
-            .map(|i| (((i + seed) * 7919 % 1201) as f32 - 600.0) / 997.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        diff / b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::test_util::{formula, max_rel};
+    use candle_core::{Module, Var};
 
     #[test]
     fn matches_candle_s_linear_and_its_gradients() {
         // One depth block and several (gemm blocks the depth by a few hundred).
         for (m, k, n) in [(70, 40, 33), (300, 1300, 20)] {
-            let x = Var::from_tensor(&values((m, k), 1)).unwrap();
-            let w = Var::from_tensor(&values((n, k), 2)).unwrap();
-            let b = Var::from_tensor(&values((1, n), 3).flatten_all().unwrap()).unwrap();
+            let x = Var::from_tensor(&formula((m, k), 1)).unwrap();
+            let w = Var::from_tensor(&formula((n, k), 2)).unwrap();
+            let b = Var::from_tensor(&formula(n, 3)).unwrap();
             let ours = linear_with_bias(&x, &w, &b).unwrap();
             let reference =
                 candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
@@ -162,7 +137,7 @@ mod tests {
                 "{}",
                 max_rel(&ours, &theirs)
             );
-            let weights = values((m, n), 4);
+            let weights = formula((m, n), 4);
             let grads = |y: Tensor| {
                 let g = (y * &weights)
                     .unwrap()
@@ -180,9 +155,9 @@ mod tests {
 
     #[test]
     fn reads_a_transposed_weight() {
-        let x = values((90, 16), 5);
-        let w = values((16, 24), 6).t().unwrap();
-        let b = values((1, 24), 7).flatten_all().unwrap();
+        let x = formula((90, 16), 5);
+        let w = formula((16, 24), 6).t().unwrap();
+        let b = formula(24, 7);
         let ours = linear_with_bias(&x, &w, &b).unwrap();
         let theirs = x
             .matmul(&w.t().unwrap())
